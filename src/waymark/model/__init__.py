@@ -1,0 +1,1 @@
+"""Pure data types of the hub and their validation: no I/O."""
