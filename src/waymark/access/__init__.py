@@ -1,0 +1,1 @@
+"""Workspaces, API keys, users with roles, and the audit log."""

@@ -1,0 +1,61 @@
+"""The hub: the stores and the clock, opened once at the edge and handed to services."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, Engine
+
+from waymark.core.clock import Clock, SystemClock
+from waymark.settings import Settings
+from waymark.storage.database import create_state_engine, migrate
+from waymark.storage.eventlog import EventLog, open_event_log
+
+
+@dataclass
+class Hub:
+    """Open stores for one process. The event log opens lazily: the embedded DuckDB file allows
+    one writer process, so commands that do not need it do not take it."""
+
+    settings: Settings
+    engine: Engine
+    clock: Clock = field(default_factory=SystemClock)
+    _events: EventLog | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def open(cls, settings: Settings, clock: Clock | None = None, *, migrate_now: bool = True) -> Hub:
+        """Connect to the state store (migrating it to the newest schema unless told not to)."""
+        engine = create_state_engine(settings.state_url)
+        if migrate_now:
+            migrate(engine)
+        return cls(settings=settings, engine=engine, clock=clock or SystemClock())
+
+    @property
+    def events(self) -> EventLog:
+        """The event log, opened on first use."""
+        with self._lock:
+            if self._events is None:
+                self._events = open_event_log(self.settings.events_url)
+            return self._events
+
+    @property
+    def events_open(self) -> bool:
+        """Whether the event log has been opened by this process."""
+        return self._events is not None
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        """A state-store transaction, committed when the block ends without error."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        """Release every store."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        self.engine.dispose()

@@ -1,0 +1,1 @@
+"""Identity resolution: the identity graph, its merge policy (pure) and, later, its service."""

@@ -1,0 +1,1 @@
+"""Sources of data for the hub: HTTP payloads and files turned into native records."""

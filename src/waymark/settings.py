@@ -1,0 +1,106 @@
+"""Typed settings, read once at the edge (CLI, server) and passed down.
+
+Sources, later ones winning: defaults, an optional TOML file (``waymark.toml`` in the working
+directory or the path in ``WAYMARK_CONFIG``), then ``WAYMARK_*`` environment variables.
+Nothing below the edge reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from waymark.core.errors import InvalidInput, Issue
+
+
+class Settings(BaseModel):
+    """Everything configurable. Store adapters are chosen by URL, never by editing code."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default=Path("data"), description="folder of the embedded stores")
+    database_url: str | None = Field(
+        default=None,
+        description="state store: sqlite:///path or postgresql+psycopg://...; "
+        "default sqlite in data_dir",
+    )
+    event_log_url: str | None = Field(
+        default=None,
+        description="event log: duckdb:///path or postgresql+psycopg://...; "
+        "default duckdb in data_dir (or the state database when it is PostgreSQL)",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8088
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["console", "json"] = "console"
+    max_event_bytes: int = 32 * 1024
+    max_batch_bytes: int = 500 * 1024
+    max_future_seconds: int = 86_400
+    max_past_days: int = 3650
+    dedup_window_days: int = 30
+    flush_interval_ms: int = 200
+    identity_graph_limit: int = 50
+
+    @property
+    def state_url(self) -> str:
+        """The state store's URL, defaulting to SQLite in the data folder."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'state.db'}"
+
+    @property
+    def events_url(self) -> str:
+        """The event log's URL: DuckDB in the data folder unless the state store is PostgreSQL."""
+        if self.event_log_url:
+            return self.event_log_url
+        if self.state_url.startswith("postgresql"):
+            return self.state_url
+        return f"duckdb:///{self.data_dir / 'events.duckdb'}"
+
+    @property
+    def max_future(self) -> timedelta:
+        return timedelta(seconds=self.max_future_seconds)
+
+    @property
+    def max_past(self) -> timedelta:
+        return timedelta(days=self.max_past_days)
+
+
+_ENV_PREFIX = "WAYMARK_"
+
+
+def load_settings(
+    environ: dict[str, str] | None = None,
+    config_file: Path | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build :class:`Settings` from file, environment and explicit overrides.
+
+    Raises :class:`InvalidInput` naming the offending key and its source.
+    """
+    env = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    path = config_file or (Path(env["WAYMARK_CONFIG"]) if "WAYMARK_CONFIG" in env else None)
+    if path is None and Path("waymark.toml").is_file():
+        path = Path("waymark.toml")
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidInput([Issue(str(path), f"cannot read configuration: {exc}")]) from exc
+        values.update(data.get("waymark", data))
+    fields = Settings.model_fields
+    for key, raw in env.items():
+        if key.startswith(_ENV_PREFIX) and key != "WAYMARK_CONFIG":
+            name = key[len(_ENV_PREFIX) :].lower()
+            if name in fields:
+                values[name] = raw
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        issues = [Issue(".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()]
+        raise InvalidInput(issues, "invalid configuration: " + "; ".join(map(str, issues))) from exc

@@ -1,0 +1,487 @@
+"""The append-only event log: DuckDB (embedded) or PostgreSQL (server mode).
+
+Acknowledged events first land in the state store's ``event_inbox`` inside the ingestion
+transaction (durable at acknowledgement). The mover (:func:`waymark.ingestion.mover.flush`)
+then appends them here in large batches; each append records the highest inbox ``seq`` it
+contains in the same log transaction, so a crash between the append and the inbox cleanup
+never appends an event twice. File imports append directly in bulk (their idempotency comes from
+import checkpoints). Profile merges are applied here by re-pointing ``profile_id``.
+
+Order of events is ``(timestamp, seq)``: ``seq`` is assigned by the log on append, so two events
+with the same timestamp have one defined order in every evaluator.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import duckdb
+import orjson
+import pyarrow as pa
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Identity,
+    Index,
+    MetaData,
+    String,
+    Table,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import make_url
+
+from waymark.core.errors import InvalidInput, Issue, StoreBusy
+from waymark.storage.database import create_state_engine
+from waymark.storage.tables import UtcDateTime
+
+#: Arrow schema of rows handed to :meth:`EventLog.append` (JSON columns as text).
+EVENT_ARROW_SCHEMA = pa.schema(
+    [
+        ("workspace_id", pa.string()),
+        ("profile_id", pa.string()),
+        ("message_id", pa.string()),
+        ("type", pa.string()),
+        ("name", pa.string()),
+        ("timestamp", pa.timestamp("us", tz="UTC")),
+        ("received_at", pa.timestamp("us", tz="UTC")),
+        ("identities", pa.string()),
+        ("properties", pa.string()),
+        ("traits", pa.string()),
+        ("context", pa.string()),
+        ("source", pa.string()),
+        ("flags", pa.string()),
+    ]
+)
+JSON_COLUMNS = ("identities", "properties", "traits", "context", "flags")
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    """One event as read back from the log."""
+
+    seq: int
+    workspace_id: str
+    profile_id: str
+    message_id: str
+    type: str
+    name: str
+    timestamp: datetime
+    received_at: datetime
+    identities: dict[str, Any]
+    properties: dict[str, Any]
+    traits: dict[str, Any]
+    context: dict[str, Any]
+    source: str
+    flags: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (timestamps as ISO-8601)."""
+        return {
+            "seq": self.seq,
+            "message_id": self.message_id,
+            "type": self.type,
+            "name": self.name,
+            "timestamp": self.timestamp.isoformat(),
+            "received_at": self.received_at.isoformat(),
+            "profile_id": self.profile_id,
+            "identities": self.identities,
+            "properties": self.properties,
+            "traits": self.traits,
+            "context": self.context,
+            "source": self.source,
+            "flags": self.flags,
+        }
+
+
+class EventLog(Protocol):
+    """What the hub needs of an event log."""
+
+    def append(self, rows: pa.Table, *, inbox_upto: int | None = None) -> int:
+        """Append ``rows`` (``EVENT_ARROW_SCHEMA``); with ``inbox_upto``, also raise the inbox
+        watermark in the same transaction, skipping the append if it was already done."""
+        ...
+
+    def inbox_watermark(self) -> int:
+        """The highest inbox ``seq`` already appended (0 when none)."""
+        ...
+
+    def merge_watermark(self) -> int:
+        """The highest ``profile_merges.seq`` already applied (0 when none)."""
+        ...
+
+    def apply_merges(self, merges: Sequence[tuple[int, str, str, str]]) -> None:
+        """Re-point events of absorbed profiles: ``(seq, workspace_id, absorbed, survivor)``
+        in seq order; raises the merge watermark in the same transaction (idempotent)."""
+        ...
+
+    def events_for_profile(
+        self, workspace_id: str, profile_id: str, *, limit: int = 100, before_seq: int | None = None
+    ) -> list[LoggedEvent]:
+        """The newest events of one profile, newest first."""
+        ...
+
+    def count(self, workspace_id: str) -> int:
+        """How many events the workspace has in the log."""
+        ...
+
+    def delete_profiles(self, workspace_id: str, profile_ids: Sequence[str]) -> int:
+        """Delete every event of these profiles; returns how many were deleted."""
+        ...
+
+    def close(self) -> None:
+        """Release the store."""
+        ...
+
+
+def _decode(value: Any) -> Any:
+    if value is None:
+        return {}
+    if isinstance(value, str | bytes):
+        return orjson.loads(value)
+    return value
+
+
+def _row_to_event(row: Sequence[Any]) -> LoggedEvent:
+    return LoggedEvent(
+        seq=int(row[0]),
+        workspace_id=row[1],
+        profile_id=row[2],
+        message_id=row[3],
+        type=row[4],
+        name=row[5],
+        timestamp=row[6],
+        received_at=row[7],
+        identities=_decode(row[8]),
+        properties=_decode(row[9]),
+        traits=_decode(row[10]),
+        context=_decode(row[11]),
+        source=row[12],
+        flags=_decode(row[13]) or [],
+    )
+
+
+_COLUMNS = (
+    "seq, workspace_id, profile_id, message_id, type, name, timestamp, received_at, "
+    "identities, properties, traits, context, source, flags"
+)
+
+
+class DuckDBEventLog:
+    """The embedded event log in one DuckDB file (one writer process at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = duckdb.connect(str(path))
+        except duckdb.IOException as exc:
+            raise StoreBusy(
+                f"the event log {path} is in use by another process (is `waymark serve` "
+                "running on this data folder?); stop it or send the data through its API"
+            ) from exc
+        self._lock = threading.RLock()
+        self._conn.execute(
+            """
+            CREATE SEQUENCE IF NOT EXISTS event_seq;
+            CREATE TABLE IF NOT EXISTS events (
+                seq BIGINT NOT NULL DEFAULT nextval('event_seq'),
+                workspace_id VARCHAR NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                message_id VARCHAR NOT NULL,
+                type VARCHAR NOT NULL,
+                name VARCHAR NOT NULL,
+                timestamp TIMESTAMPTZ NOT NULL,
+                received_at TIMESTAMPTZ NOT NULL,
+                identities JSON,
+                properties JSON,
+                traits JSON,
+                context JSON,
+                source VARCHAR,
+                flags JSON
+            );
+            CREATE TABLE IF NOT EXISTS log_meta (key VARCHAR PRIMARY KEY, value BIGINT NOT NULL);
+            """
+        )
+
+    @contextmanager
+    def _tx(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+            finally:
+                cur.close()
+
+    def _meta(self, cur: duckdb.DuckDBPyConnection, key: str) -> int:
+        row = cur.execute("SELECT value FROM log_meta WHERE key = ?", [key]).fetchall()
+        return int(row[0][0]) if row else 0
+
+    def _set_meta(self, cur: duckdb.DuckDBPyConnection, key: str, value: int) -> None:
+        cur.execute(
+            "INSERT INTO log_meta VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )
+
+    def append(self, rows: pa.Table, *, inbox_upto: int | None = None) -> int:
+        rows = rows.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
+        with self._tx() as cur:
+            if inbox_upto is not None:
+                if self._meta(cur, "inbox") >= inbox_upto:
+                    return 0
+                self._set_meta(cur, "inbox", inbox_upto)
+            cur.register("incoming_rows", rows)
+            try:
+                cur.execute(
+                    """
+                    INSERT INTO events (workspace_id, profile_id, message_id, type, name,
+                        timestamp, received_at, identities, properties, traits, context,
+                        source, flags)
+                    SELECT workspace_id, profile_id, message_id, type, name, timestamp,
+                        received_at, identities::JSON, properties::JSON, traits::JSON,
+                        context::JSON, source, flags::JSON
+                    FROM incoming_rows
+                    """
+                )
+            finally:
+                cur.unregister("incoming_rows")
+        return rows.num_rows
+
+    def inbox_watermark(self) -> int:
+        with self._lock:
+            return self._meta(self._conn.cursor(), "inbox")
+
+    def merge_watermark(self) -> int:
+        with self._lock:
+            return self._meta(self._conn.cursor(), "merges")
+
+    def apply_merges(self, merges: Sequence[tuple[int, str, str, str]]) -> None:
+        if not merges:
+            return
+        with self._tx() as cur:
+            done = self._meta(cur, "merges")
+            todo = [m for m in merges if m[0] > done]
+            for _seq, workspace_id, absorbed, survivor in todo:
+                cur.execute(
+                    "UPDATE events SET profile_id = ? WHERE workspace_id = ? AND profile_id = ?",
+                    [survivor, workspace_id, absorbed],
+                )
+            if todo:
+                self._set_meta(cur, "merges", max(m[0] for m in todo))
+
+    def events_for_profile(
+        self, workspace_id: str, profile_id: str, *, limit: int = 100, before_seq: int | None = None
+    ) -> list[LoggedEvent]:
+        with self._lock:
+            cur = self._conn.cursor()
+            rows = cur.execute(
+                f"SELECT {_COLUMNS} FROM events WHERE workspace_id = ? AND profile_id = ? "
+                "AND seq < ? ORDER BY timestamp DESC, seq DESC LIMIT ?",
+                [workspace_id, profile_id, before_seq or 2**62, limit],
+            ).fetchall()
+        return [_row_to_event(r) for r in rows]
+
+    def count(self, workspace_id: str) -> int:
+        with self._lock:
+            row = (
+                self._conn.cursor()
+                .execute("SELECT count(*) FROM events WHERE workspace_id = ?", [workspace_id])
+                .fetchall()
+            )
+        return int(row[0][0])
+
+    def delete_profiles(self, workspace_id: str, profile_ids: Sequence[str]) -> int:
+        if not profile_ids:
+            return 0
+        with self._tx() as cur:
+            row = cur.execute(
+                "DELETE FROM events WHERE workspace_id = ? AND profile_id IN "
+                "(SELECT unnest(?::VARCHAR[])) RETURNING seq",
+                [workspace_id, list(profile_ids)],
+            ).fetchall()
+        return len(row)
+
+    def sql(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read query (reports, tests, benchmarks)."""
+        with self._lock:
+            return self._conn.cursor().execute(query, list(params)).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+log_metadata = MetaData()
+events_table = Table(
+    "events",
+    log_metadata,
+    Column("seq", BigInteger, Identity(), primary_key=True),
+    Column("workspace_id", String(36), nullable=False),
+    Column("profile_id", String(36), nullable=False),
+    Column("message_id", String(255), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("timestamp", UtcDateTime, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("identities", JSONB),
+    Column("properties", JSONB),
+    Column("traits", JSONB),
+    Column("context", JSONB),
+    Column("source", String(100)),
+    Column("flags", JSONB),
+    Index("ix_events_profile", "workspace_id", "profile_id", "timestamp"),
+    Index("ix_events_workspace_ts", "workspace_id", "timestamp"),
+)
+log_meta_table = Table(
+    "event_log_meta",
+    log_metadata,
+    Column("key", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+
+class PostgresEventLog:
+    """The event log as a PostgreSQL table (server mode); many processes may write."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        with engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(727001)"))
+            log_metadata.create_all(conn)
+
+    def _meta(self, conn: Any, key: str, *, lock: bool = False) -> int:
+        stmt = select(log_meta_table.c.value).where(log_meta_table.c.key == key)
+        if lock:
+            conn.execute(
+                text(
+                    "INSERT INTO event_log_meta (key, value) VALUES (:k, 0) "
+                    "ON CONFLICT (key) DO NOTHING"
+                ),
+                {"k": key},
+            )
+            stmt = stmt.with_for_update()
+        value = conn.execute(stmt).scalar()
+        return int(value or 0)
+
+    def append(self, rows: pa.Table, *, inbox_upto: int | None = None) -> int:
+        rows = rows.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
+        records = rows.to_pylist()
+        for rec in records:
+            for col in JSON_COLUMNS:
+                rec[col] = orjson.loads(rec[col]) if rec[col] is not None else None
+        with self._engine.begin() as conn:
+            if inbox_upto is not None:
+                if self._meta(conn, "inbox", lock=True) >= inbox_upto:
+                    return 0
+                conn.execute(
+                    update(log_meta_table)
+                    .where(log_meta_table.c.key == "inbox")
+                    .values(value=inbox_upto)
+                )
+            if records:
+                conn.execute(insert(events_table), records)
+        return len(records)
+
+    def inbox_watermark(self) -> int:
+        with self._engine.connect() as conn:
+            return self._meta(conn, "inbox")
+
+    def merge_watermark(self) -> int:
+        with self._engine.connect() as conn:
+            return self._meta(conn, "merges")
+
+    def apply_merges(self, merges: Sequence[tuple[int, str, str, str]]) -> None:
+        if not merges:
+            return
+        with self._engine.begin() as conn:
+            done = self._meta(conn, "merges", lock=True)
+            todo = [m for m in merges if m[0] > done]
+            for _seq, workspace_id, absorbed, survivor in todo:
+                conn.execute(
+                    update(events_table)
+                    .where(
+                        and_(
+                            events_table.c.workspace_id == workspace_id,
+                            events_table.c.profile_id == absorbed,
+                        )
+                    )
+                    .values(profile_id=survivor)
+                )
+            if todo:
+                conn.execute(
+                    update(log_meta_table)
+                    .where(log_meta_table.c.key == "merges")
+                    .values(value=max(m[0] for m in todo))
+                )
+
+    def events_for_profile(
+        self, workspace_id: str, profile_id: str, *, limit: int = 100, before_seq: int | None = None
+    ) -> list[LoggedEvent]:
+        t = events_table
+        stmt = (
+            select(*t.c)
+            .where(t.c.workspace_id == workspace_id, t.c.profile_id == profile_id)
+            .order_by(t.c.timestamp.desc(), t.c.seq.desc())
+            .limit(limit)
+        )
+        if before_seq is not None:
+            stmt = stmt.where(t.c.seq < before_seq)
+        with self._engine.connect() as conn:
+            return [_row_to_event(tuple(r)) for r in conn.execute(stmt)]
+
+    def count(self, workspace_id: str) -> int:
+        with self._engine.connect() as conn:
+            stmt = select(func.count()).where(events_table.c.workspace_id == workspace_id)
+            return int(conn.execute(stmt).scalar_one())
+
+    def delete_profiles(self, workspace_id: str, profile_ids: Sequence[str]) -> int:
+        if not profile_ids:
+            return 0
+        with self._engine.begin() as conn:
+            res = conn.execute(
+                delete(events_table).where(
+                    events_table.c.workspace_id == workspace_id,
+                    events_table.c.profile_id.in_(list(profile_ids)),
+                )
+            )
+            return int(res.rowcount or 0)
+
+    def sql(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read query with ``%s``-free ``:p0, :p1`` parameters (reports, tests)."""
+        with self._engine.connect() as conn:
+            bind = {f"p{i}": v for i, v in enumerate(params)}
+            return [tuple(r) for r in conn.execute(text(query), bind)]
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+def open_event_log(url: str) -> EventLog:
+    """Open the event log named by ``url`` (``duckdb:///path`` or ``postgresql+psycopg://``)."""
+    if url.startswith("duckdb:///"):
+        return DuckDBEventLog(Path(url.removeprefix("duckdb:///")))
+    if url.startswith(("postgresql", "postgres")):
+        return PostgresEventLog(create_state_engine(url, pool_size=4))
+    backend = make_url(url).get_backend_name() if "://" in url else url
+    raise InvalidInput(
+        [Issue("event_log_url", f"unsupported event log {backend!r}; use duckdb or postgresql")]
+    )

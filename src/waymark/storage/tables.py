@@ -1,0 +1,260 @@
+"""The state store's tables (SQLAlchemy Core). Alembic migrations create them; every row is scoped
+to a workspace and every key starts with ``workspace_id``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, on every backend (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+Id = String(36)
+Big = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrement needs INTEGER
+
+workspaces = Table(
+    "workspaces",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("name", String(100), nullable=False, unique=True),
+    Column("settings", Json, nullable=False, default=dict),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("workspace_id", Id, ForeignKey("workspaces.id"), nullable=False),
+    Column("email", String(255), nullable=False),
+    Column("name", String(200), nullable=False, default=""),
+    Column("role", String(20), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("disabled_at", UtcDateTime),
+    UniqueConstraint("workspace_id", "email"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("workspace_id", Id, ForeignKey("workspaces.id"), nullable=False),
+    Column("kind", String(10), nullable=False),  # write | secret | user
+    Column("name", String(200), nullable=False, default=""),
+    Column("prefix", String(16), nullable=False),
+    Column("secret_hash", String(64), nullable=False, unique=True),
+    Column("scopes", Json, nullable=False),
+    Column("user_id", Id, ForeignKey("users.id")),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("created_by", String(100), nullable=False),
+    Column("revoked_at", UtcDateTime),
+    Column("last_used_at", UtcDateTime),
+    Index("ix_api_keys_workspace", "workspace_id"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Big, primary_key=True, autoincrement=True),
+    Column("workspace_id", Id, nullable=True),
+    Column("at", UtcDateTime, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(100), nullable=False),
+    Column("target_type", String(50), nullable=False),
+    Column("target_id", String(255), nullable=False, default=""),
+    Column("details", Json, nullable=False, default=dict),
+    Index("ix_audit_log_workspace_at", "workspace_id", "at"),
+)
+
+schemas = Table(
+    "schemas",
+    metadata,
+    Column("workspace_id", Id, ForeignKey("workspaces.id"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("document", Json, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("created_by", String(200), nullable=False),
+)
+
+profiles = Table(
+    "profiles",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("workspace_id", Id, ForeignKey("workspaces.id"), nullable=False),
+    Column("attributes", Json, nullable=False),
+    # per attribute: [updated_at ISO string, source]; drives the merge policy
+    Column("attribute_meta", Json, nullable=False),
+    Column("first_seen", UtcDateTime, nullable=False),
+    Column("last_seen", UtcDateTime, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index("ix_profiles_workspace_id", "workspace_id", "id"),
+)
+
+identities = Table(
+    "identities",
+    metadata,
+    Column("workspace_id", Id, primary_key=True),
+    Column("namespace", String(64), primary_key=True),
+    Column("value", String(255), primary_key=True),
+    Column("profile_id", Id, nullable=False),
+    Column("first_seen", UtcDateTime, nullable=False),
+    Index("ix_identities_profile", "profile_id"),
+)
+
+profile_merges = Table(
+    "profile_merges",
+    metadata,
+    Column("seq", Big, primary_key=True, autoincrement=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("absorbed_id", Id, nullable=False),
+    Column("survivor_id", Id, nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Index("ix_profile_merges_absorbed", "workspace_id", "absorbed_id"),
+)
+
+consents = Table(
+    "consents",
+    metadata,
+    Column("workspace_id", Id, primary_key=True),
+    Column("profile_id", Id, primary_key=True),
+    Column("channel", String(32), primary_key=True),
+    Column("purpose", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("source", String(100), nullable=False),
+    Index("ix_consents_profile", "profile_id"),
+)
+
+seen_messages = Table(
+    "seen_messages",
+    metadata,
+    Column("workspace_id", Id, primary_key=True),
+    Column("message_id", String(255), primary_key=True),
+    Column("received_at", UtcDateTime, nullable=False),
+    Index("ix_seen_messages_received", "received_at"),
+)
+
+# Acknowledged events wait here (durable, in the state store's transaction) until the mover
+# appends them to the event log; see waymark.storage.eventlog.
+event_inbox = Table(
+    "event_inbox",
+    metadata,
+    Column("seq", Big, primary_key=True, autoincrement=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("profile_id", Id, nullable=False),
+    Column("message_id", String(255), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("timestamp", UtcDateTime, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("body", Text, nullable=False),  # JSON: identities, properties, traits, context, ...
+    Index("ix_event_inbox_profile", "workspace_id", "profile_id"),
+)
+
+imports = Table(
+    "imports",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("kind", String(16), nullable=False),  # profiles | events
+    Column("file_name", String(500), nullable=False),
+    Column("file_sha256", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # running | done | failed
+    Column("rows_committed", BigInteger, nullable=False, default=0),
+    Column("rows_accepted", BigInteger, nullable=False, default=0),
+    Column("rows_rejected", BigInteger, nullable=False, default=0),
+    Column("error_report", String(1000)),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime),
+    Column("actor", String(200), nullable=False),
+    UniqueConstraint("workspace_id", "kind", "file_sha256"),
+)
+
+privacy_requests = Table(
+    "privacy_requests",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("kind", String(16), nullable=False),  # export | delete
+    # a keyed hash of the subject's identity, so the record itself holds no personal data
+    Column("subject_hash", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("requested_at", UtcDateTime, nullable=False),
+    Column("completed_at", UtcDateTime),
+    Column("actor", String(200), nullable=False),
+    Column("summary", Json, nullable=False, default=dict),
+)
+
+#: Tables holding data about a person, with the column naming that person's profile. The
+#: privacy deletion test walks every table of ``metadata`` and requires each to be listed here
+#: or in ``PERSON_FREE_TABLES``, so a new table cannot silently escape deletion.
+PERSON_TABLES: dict[str, str] = {
+    "profiles": "id",
+    "identities": "profile_id",
+    "consents": "profile_id",
+    "event_inbox": "profile_id",
+    "profile_merges": "survivor_id",
+}
+PERSON_FREE_TABLES: frozenset[str] = frozenset(
+    {
+        "workspaces",
+        "users",
+        "api_keys",
+        "audit_log",
+        "schemas",
+        "seen_messages",
+        "imports",
+        "privacy_requests",
+    }
+)
