@@ -27,12 +27,18 @@ class Hub:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def open(cls, settings: Settings, clock: Clock | None = None, *, migrate_now: bool = True) -> Hub:
+    def open(
+        cls, settings: Settings, clock: Clock | None = None, *, migrate_now: bool = True
+    ) -> Hub:
         """Connect to the state store (migrating it to the newest schema unless told not to)."""
+        settings.check_stores()
         engine = create_state_engine(settings.state_url)
         if migrate_now:
             migrate(engine)
-        return cls(settings=settings, engine=engine, clock=clock or SystemClock())
+        hub = cls(settings=settings, engine=engine, clock=clock or SystemClock())
+        if settings.shared_event_log:
+            _ = hub.events  # its tables must exist before the first merge re-points events
+        return hub
 
     @property
     def events(self) -> EventLog:

@@ -61,6 +61,25 @@ class Settings(BaseModel):
         return f"duckdb:///{self.data_dir / 'events.duckdb'}"
 
     @property
+    def shared_event_log(self) -> bool:
+        """Whether the event log lives in the state store's own PostgreSQL database, so that
+        moving events and re-pointing merges happen in one transaction (server mode)."""
+        return self.state_url.startswith("postgresql") and self.events_url == self.state_url
+
+    def check_stores(self) -> None:
+        """Refuse store combinations that cannot keep the no-loss guarantee."""
+        if self.state_url.startswith("postgresql") and not self.shared_event_log:
+            raise InvalidInput(
+                [
+                    Issue(
+                        "event_log_url",
+                        "with a PostgreSQL state store the event log must be the same "
+                        "PostgreSQL database (leave event_log_url unset)",
+                    )
+                ]
+            )
+
+    @property
     def max_future(self) -> timedelta:
         return timedelta(seconds=self.max_future_seconds)
 

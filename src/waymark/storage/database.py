@@ -51,7 +51,7 @@ def create_state_engine(url: str, *, pool_size: int = 8) -> Engine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoint; WAL is fsynced
+            cur.execute("PRAGMA synchronous=FULL")  # an acknowledged event survives power loss
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()

@@ -264,7 +264,7 @@ class DuckDBEventLog:
                 )
             finally:
                 cur.unregister("incoming_rows")
-        return rows.num_rows
+        return int(rows.num_rows)
 
     def inbox_watermark(self) -> int:
         with self._lock:

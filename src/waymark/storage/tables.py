@@ -51,16 +51,17 @@ class UtcDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        moment: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)
 
 
 Json = JSON().with_variant(JSONB(), "postgresql")
 Id = String(36)
-Big = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrement needs INTEGER
+# SQLite autoincrement needs INTEGER; tables whose sequence numbers must never be reused (the
+# inbox's seq is compared with the event log's watermark) also set sqlite_autoincrement.
+Big = BigInteger().with_variant(Integer(), "sqlite")
 
 workspaces = Table(
     "workspaces",
@@ -114,6 +115,7 @@ audit_log = Table(
     Column("target_id", String(255), nullable=False, default=""),
     Column("details", Json, nullable=False, default=dict),
     Index("ix_audit_log_workspace_at", "workspace_id", "at"),
+    sqlite_autoincrement=True,
 )
 
 schemas = Table(
@@ -161,6 +163,7 @@ profile_merges = Table(
     Column("survivor_id", Id, nullable=False),
     Column("at", UtcDateTime, nullable=False),
     Index("ix_profile_merges_absorbed", "workspace_id", "absorbed_id"),
+    sqlite_autoincrement=True,
 )
 
 consents = Table(
@@ -200,6 +203,7 @@ event_inbox = Table(
     Column("received_at", UtcDateTime, nullable=False),
     Column("body", Text, nullable=False),  # JSON: identities, properties, traits, context, ...
     Index("ix_event_inbox_profile", "workspace_id", "profile_id"),
+    sqlite_autoincrement=True,
 )
 
 imports = Table(

@@ -41,6 +41,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_log")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("audit_log", schema=None) as batch_op:
         batch_op.create_index("ix_audit_log_workspace_at", ["workspace_id", "at"], unique=False)
@@ -78,6 +79,7 @@ def upgrade() -> None:
         sa.Column("received_at", waymark.storage.tables.UtcDateTime(timezone=True), nullable=False),
         sa.Column("body", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_event_inbox")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("event_inbox", schema=None) as batch_op:
         batch_op.create_index(
@@ -151,6 +153,7 @@ def upgrade() -> None:
         sa.Column("survivor_id", sa.String(length=36), nullable=False),
         sa.Column("at", waymark.storage.tables.UtcDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_profile_merges")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("profile_merges", schema=None) as batch_op:
         batch_op.create_index(

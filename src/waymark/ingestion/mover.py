@@ -1,0 +1,133 @@
+"""Moving acknowledged events from the state store's inbox to the event log.
+
+Safe at any crash point: the log records the highest inbox ``seq`` it holds in the same
+transaction as the append, so after a crash the same rows are skipped, not appended again; the
+inbox rows are deleted only after the log has them. Merges recorded in ``profile_merges`` are
+applied to the log after the events, in ``seq`` order, also idempotently.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+import pyarrow as pa
+from sqlalchemy import Engine, delete, select, text
+
+from waymark.storage.eventlog import EVENT_ARROW_SCHEMA, EventLog
+from waymark.storage.tables import event_inbox, profile_merges
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FlushStats:
+    """What one flush moved."""
+
+    events: int
+    merges: int
+
+
+def _rows_to_arrow(rows: list[dict[str, object]]) -> pa.Table:
+    columns: dict[str, list[object]] = {name: [] for name in EVENT_ARROW_SCHEMA.names}
+    for row in rows:
+        body = orjson.loads(str(row["body"]))
+        for key in ("workspace_id", "profile_id", "message_id", "type", "name"):
+            columns[key].append(row[key])
+        columns["timestamp"].append(row["timestamp"])
+        columns["received_at"].append(row["received_at"])
+        for key in ("identities", "properties", "traits", "context", "flags"):
+            columns[key].append(orjson.dumps(body.get(key, {} if key != "flags" else [])).decode())
+        columns["source"].append(body.get("source", "api"))
+    return pa.table(columns, schema=EVENT_ARROW_SCHEMA)
+
+
+_PG_MOVE = text(
+    """
+    WITH moved AS (
+        DELETE FROM event_inbox WHERE seq IN (
+            SELECT seq FROM event_inbox ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED)
+        RETURNING *
+    )
+    INSERT INTO events (workspace_id, profile_id, message_id, type, name, timestamp,
+        received_at, identities, properties, traits, context, source, flags)
+    SELECT workspace_id, profile_id, message_id, type, name, timestamp, received_at,
+        (body::jsonb) -> 'identities', (body::jsonb) -> 'properties', (body::jsonb) -> 'traits',
+        (body::jsonb) -> 'context', (body::jsonb) ->> 'source', (body::jsonb) -> 'flags'
+    FROM moved ORDER BY seq
+    """
+)
+
+
+def flush_shared(engine: Engine, *, batch_size: int = 20_000) -> FlushStats:
+    """Server mode: the log shares the state store's PostgreSQL database, so each batch moves
+    in one statement (safe with many worker processes: rows locked by another mover, or not
+    yet committed, are left for later). Merges were applied in the merging transaction."""
+    moved = 0
+    while True:
+        with engine.begin() as conn:
+            count = conn.execute(_PG_MOVE, {"n": batch_size}).rowcount or 0
+        moved += count
+        if count < batch_size:
+            return FlushStats(moved, 0)
+
+
+def flush(
+    engine: Engine, events: EventLog, *, batch_size: int = 20_000, shared: bool = False
+) -> FlushStats:
+    """Move everything waiting in the inbox to ``events`` and apply pending merges.
+
+    With a SQLite state store (one writer at a time, so inbox ``seq`` order is commit order)
+    the log's watermarks make each step idempotent; ``shared`` selects :func:`flush_shared`.
+    """
+    if shared:
+        return flush_shared(engine, batch_size=batch_size)
+    moved = 0
+    while True:
+        done = events.inbox_watermark()
+        with engine.begin() as conn:
+            # rows at or below the watermark are already in the log: finish their cleanup
+            conn.execute(delete(event_inbox).where(event_inbox.c.seq <= done))
+            rows = [
+                dict(r)
+                for r in conn.execute(
+                    select(event_inbox).order_by(event_inbox.c.seq).limit(batch_size)
+                ).mappings()
+            ]
+        if not rows:
+            break
+        upto = int(str(rows[-1]["seq"]))
+        events.append(_rows_to_arrow(rows), inbox_upto=upto)
+        with engine.begin() as conn:
+            conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+        moved += len(rows)
+        if len(rows) < batch_size:
+            break
+    merges = 0
+    applied = events.merge_watermark()
+    with engine.connect() as conn:
+        pending = [
+            (int(r.seq), r.workspace_id, r.absorbed_id, r.survivor_id)
+            for r in conn.execute(
+                select(profile_merges)
+                .where(profile_merges.c.seq > applied)
+                .order_by(profile_merges.c.seq)
+            )
+        ]
+    if pending:
+        events.apply_merges(pending)
+        merges = len(pending)
+    if moved or merges:
+        log.debug("flushed inbox", extra={"events": moved, "merges": merges})
+    return FlushStats(moved, merges)
+
+
+def oldest_waiting(engine: Engine) -> datetime | None:
+    """When the oldest event still in the inbox was received (``None``: empty)."""
+    with engine.connect() as conn:
+        value = conn.execute(
+            select(event_inbox.c.received_at).order_by(event_inbox.c.seq).limit(1)
+        ).scalar()
+    return value

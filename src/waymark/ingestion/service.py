@@ -1,0 +1,240 @@
+"""Ingesting events and profile records: one micro-batch, one state-store transaction.
+
+The order inside the transaction is what makes retries safe: items are validated first (pure),
+then their ``message_id``\\ s are claimed in ``seen_messages`` with ``ON CONFLICT DO NOTHING
+RETURNING`` (so two concurrent batches carrying the same id cannot both win), then identities
+are resolved and the claimed events are written to the inbox. Commit = durable = acknowledged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, insert
+from sqlalchemy.dialects import postgresql, sqlite
+
+from waymark.core.errors import Issue
+from waymark.identity.graph import IdentityConflict, MergePolicy
+from waymark.identity.service import ProfileWriter
+from waymark.ingestion.payloads import ItemError, Parsed
+from waymark.model.events import Event, EventType, Identity, ProfileRecord, normalize_identity
+from waymark.model.json import to_jsonable
+from waymark.model.schemas import Schema, validate_attributes, validate_event
+from waymark.storage.tables import event_inbox, seen_messages
+
+_CHUNK = 400
+
+
+@dataclass
+class IngestResult:
+    """The outcome of one batch: counts, and each rejected item with its reasons."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[ItemError] = field(default_factory=list)
+    profiles_created: int = 0
+    profiles_merged: int = 0
+    conflicts: list[IdentityConflict] = field(default_factory=list)
+    profile_ids: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's answer for this batch."""
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "rejected": [
+                {
+                    "index": e.index,
+                    "errors": [
+                        {"path": i.path, "reason": i.reason, "code": i.code} for i in e.issues
+                    ],
+                }
+                for e in self.rejected
+            ],
+            "identity_conflicts": [
+                {"identity": str(c.identity), "kept_by": c.owner_id, "because": str(c.prevailing)}
+                for c in self.conflicts
+            ],
+        }
+
+
+def validate_event_item(schema: Schema, event: Event) -> Event | tuple[Issue, ...]:
+    """Check one event against the workspace schema; return it coerced and flagged, or issues."""
+    flags = list(event.flags)
+    properties = event.properties
+    traits = event.traits
+    if event.type is EventType.TRACK:
+        res = validate_event(schema, event.name, event.properties)
+        if not res.ok:
+            return res.issues
+        properties = res.value
+        flags.extend(res.flags)
+    if event.traits:
+        tres = validate_attributes(schema, event.traits, path="traits")
+        if not tres.ok:
+            return tres.issues
+        traits = tres.value
+        flags.extend(tres.flags)
+    return replace(event, properties=properties, traits=traits, flags=tuple(flags))
+
+
+def _claim_message_ids(
+    conn: Connection, workspace_id: str, message_ids: Sequence[str], at: datetime
+) -> set[str]:
+    """Insert ``message_ids`` into ``seen_messages``; return those that were not seen before."""
+    claimed: set[str] = set()
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    for i in range(0, len(message_ids), _CHUNK):
+        chunk = message_ids[i : i + _CHUNK]
+        stmt = (
+            dialect.insert(seen_messages)
+            .values(
+                [{"workspace_id": workspace_id, "message_id": m, "received_at": at} for m in chunk]
+            )
+            .on_conflict_do_nothing(index_elements=["workspace_id", "message_id"])
+            .returning(seen_messages.c.message_id)
+        )
+        claimed.update(conn.execute(stmt).scalars())
+    return claimed
+
+
+def _inbox_body(event: Event) -> str:
+    identities: dict[str, str] = {}
+    for identity in event.identities:
+        identities.setdefault(identity.namespace, identity.value)
+    body = {
+        "identities": identities,
+        "properties": to_jsonable(event.properties),
+        "traits": to_jsonable(event.traits),
+        "context": to_jsonable(event.context),
+        "source": event.source,
+        "flags": list(event.flags),
+    }
+    if event.previous_id is not None:
+        body["previous_id"] = event.previous_id
+    if event.group_id is not None:
+        body["group_id"] = event.group_id
+    return orjson.dumps(body, default=str).decode()
+
+
+def _alias_identity(writer: ProfileWriter, previous_id: str) -> Identity:
+    """The identity ``previousId`` names: a known user_id, else a known or new anonymous_id."""
+    as_user = normalize_identity("user_id", previous_id)
+    if writer.find(as_user) is not None:
+        return as_user
+    return normalize_identity("anonymous_id", previous_id)
+
+
+def ingest_events(
+    conn: Connection,
+    *,
+    workspace_id: str,
+    parsed: Parsed[Event],
+    schema: Schema,
+    policy: MergePolicy,
+    now: datetime,
+    shared_event_log: bool = False,
+) -> IngestResult:
+    """Validate, deduplicate, resolve and store one batch of events (caller commits)."""
+    result = IngestResult(rejected=list(parsed.errors))
+    valid: list[tuple[int, Event]] = []
+    first_index: dict[str, int] = {}
+    for index, event in parsed.items:
+        checked = validate_event_item(schema, event)
+        if isinstance(checked, tuple):
+            result.rejected.append(ItemError(index, checked))
+            continue
+        if event.message_id in first_index:
+            result.duplicates += 1
+            continue
+        first_index[event.message_id] = index
+        valid.append((index, checked))
+    result.rejected.sort(key=lambda e: e.index)
+    if not valid:
+        return result
+    claimed = _claim_message_ids(conn, workspace_id, [e.message_id for _, e in valid], now)
+    fresh = [(i, e) for i, e in valid if e.message_id in claimed]
+    result.duplicates += len(valid) - len(fresh)
+    writer = ProfileWriter(
+        conn, workspace_id=workspace_id, policy=policy, now=now, shared_event_log=shared_event_log
+    )
+    writer.preload(i for _, e in fresh for i in e.identities)
+    placed: list[tuple[str, Event]] = []
+    for _, event in fresh:
+        ids = list(event.identities)
+        if event.type is EventType.ALIAS and event.previous_id:
+            ids.append(_alias_identity(writer, event.previous_id))
+        traits = event.traits if event.type is EventType.IDENTIFY else {}
+        pid = writer.record(ids, traits, at=event.timestamp, source=event.source)
+        placed.append((pid, event))
+    stats = writer.flush()
+    rows = [
+        {
+            "workspace_id": workspace_id,
+            "profile_id": writer.canonical(pid),
+            "message_id": event.message_id,
+            "type": event.type.value,
+            "name": event.name,
+            "timestamp": event.timestamp,
+            "received_at": event.received_at,
+            "body": _inbox_body(event),
+        }
+        for pid, event in placed
+    ]
+    if rows:
+        conn.execute(insert(event_inbox), rows)
+    result.accepted = len(rows)
+    result.profiles_created = stats.created
+    result.profiles_merged = stats.merged
+    result.conflicts = stats.conflicts
+    result.profile_ids = sorted({str(r["profile_id"]) for r in rows})
+    return result
+
+
+def ingest_profiles(
+    conn: Connection,
+    *,
+    workspace_id: str,
+    parsed: Parsed[ProfileRecord],
+    schema: Schema,
+    policy: MergePolicy,
+    now: datetime,
+    lenient: bool = False,
+    shared_event_log: bool = False,
+) -> IngestResult:
+    """Validate and apply profile records (attributes, identities, consents); caller commits.
+
+    Re-applying the same records changes nothing (latest timestamp wins, links are sets).
+    """
+    result = IngestResult(rejected=list(parsed.errors))
+    writer = ProfileWriter(
+        conn, workspace_id=workspace_id, policy=policy, now=now, shared_event_log=shared_event_log
+    )
+    good: list[tuple[ProfileRecord, dict[str, Any]]] = []
+    for index, record in parsed.items:
+        res = validate_attributes(schema, record.attributes, path="attributes", lenient=lenient)
+        if not res.ok:
+            result.rejected.append(ItemError(index, res.issues))
+            continue
+        good.append((record, res.value))
+    result.rejected.sort(key=lambda e: e.index)
+    writer.preload(i for rec, _ in good for i in rec.identities)
+    pids: list[str] = []
+    for record, attributes in good:
+        pid = writer.record(
+            list(record.identities), attributes, at=record.timestamp, source=record.source
+        )
+        for consent in record.consents:
+            writer.set_consent(pid, consent)
+        pids.append(pid)
+    stats = writer.flush()
+    result.accepted = len(good)
+    result.profiles_created = stats.created
+    result.profiles_merged = stats.merged
+    result.conflicts = stats.conflicts
+    result.profile_ids = sorted({writer.canonical(p) for p in pids})
+    return result

@@ -1,0 +1,1 @@
+"""Profiles: schemas per workspace, look-up and search, updates, privacy requests."""

@@ -1,0 +1,93 @@
+"""Versioned workspace schemas: every save is a new version; the newest is in force."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select
+
+from waymark.access.service import record_audit
+from waymark.model.schemas import Schema, diff_compatible, parse_schema
+from waymark.storage.tables import schemas
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaVersion:
+    """One saved version of a workspace's schema."""
+
+    version: int
+    schema: Schema
+    created_at: datetime | None
+    created_by: str
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "schema": self.schema.to_json(),
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "created_by": self.created_by,
+            "warnings": list(self.warnings),
+        }
+
+
+def current_schema(conn: Connection, workspace_id: str) -> SchemaVersion:
+    """The schema in force (version 0, empty and accepting, before any is saved)."""
+    row = conn.execute(
+        select(schemas)
+        .where(schemas.c.workspace_id == workspace_id)
+        .order_by(schemas.c.version.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return SchemaVersion(0, Schema.empty(), None, "")
+    return SchemaVersion(row.version, parse_schema(row.document), row.created_at, row.created_by)
+
+
+def schema_history(conn: Connection, workspace_id: str) -> list[SchemaVersion]:
+    """Every saved version, oldest first."""
+    rows = conn.execute(
+        select(schemas).where(schemas.c.workspace_id == workspace_id).order_by(schemas.c.version)
+    )
+    return [
+        SchemaVersion(r.version, parse_schema(r.document), r.created_at, r.created_by) for r in rows
+    ]
+
+
+def save_schema(
+    conn: Connection, *, workspace_id: str, document: object, actor: str, at: datetime
+) -> SchemaVersion:
+    """Validate ``document`` and save it as the next version.
+
+    Raises :class:`~waymark.core.errors.InvalidInput` with the path of each problem; returns the
+    new version with warnings about breaking changes against the previous one.
+    """
+    schema = parse_schema(document)
+    previous = current_schema(conn, workspace_id)
+    warnings = tuple(diff_compatible(previous.schema, schema)) if previous.version else ()
+    latest = conn.execute(
+        select(func.max(schemas.c.version)).where(schemas.c.workspace_id == workspace_id)
+    ).scalar()
+    version = int(latest or 0) + 1
+    conn.execute(
+        insert(schemas).values(
+            workspace_id=workspace_id,
+            version=version,
+            document=schema.to_json(),
+            created_at=at,
+            created_by=actor,
+        )
+    )
+    record_audit(
+        conn,
+        workspace_id=workspace_id,
+        actor=actor,
+        action="schema.save",
+        target_type="schema",
+        target_id=str(version),
+        details={"warnings": list(warnings)},
+        at=at,
+    )
+    return SchemaVersion(version, schema, at, actor, warnings)
