@@ -25,6 +25,8 @@ class Hub:
     clock: Clock = field(default_factory=SystemClock)
     _events: EventLog | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: held while events move from the inbox to the log, and by privacy deletions
+    mover_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def open(

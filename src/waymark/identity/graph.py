@@ -298,16 +298,14 @@ def resolve(
 
     claims: dict[str, Identity] = {}
     group: dict[str, ProfileState] = {}
-    refused: dict[str, Identity] = {}  # refused owner id -> the claim it contradicts
     attach: list[Identity] = []
     conflicts: list[IdentityConflict] = []
     for identity in (*claimed, *owned, *new):
         owner = owners.get(identity)
         prevailing = _contradiction((identity,), claims)
         if prevailing is None and owner is not None and owner.profile_id not in group:
-            prevailing = refused.get(owner.profile_id)
-            if prevailing is None:
-                prevailing = _contradiction((li.identity for li in owner.identities), claims)
+            # claims only grow, so an owner refused once stays refused for this record
+            prevailing = _contradiction((li.identity for li in owner.identities), claims)
             if prevailing is None:
                 group[owner.profile_id] = owner
                 claims.update(
@@ -315,8 +313,6 @@ def resolve(
                     for li in owner.identities
                     if li.identity.namespace in unique
                 )
-            else:
-                refused[owner.profile_id] = prevailing
         if prevailing is None:
             attach.append(identity)
             if identity.namespace in unique:
