@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from waymark import __version__
@@ -26,6 +26,7 @@ from waymark.access import service as access
 from waymark.access.service import Principal, Scope
 from waymark.api.auth import KeyCache, presented_key
 from waymark.api.errors import validation_error_handler, waymark_error_handler
+from waymark.api.responses import JSONAnswer
 from waymark.core.errors import InvalidInput, Issue, LimitExceeded, WaymarkError
 from waymark.hub import Hub
 from waymark.ingestion.batcher import GroupCommitter
@@ -73,17 +74,13 @@ def parse_json(raw: bytes) -> Any:
         raise InvalidInput([Issue("", f"malformed JSON: {exc}")], f"malformed JSON: {exc}") from exc
 
 
-def ingest_answer(result: IngestResult, *, single: bool) -> ORJSONResponse:
+def ingest_answer(result: IngestResult) -> JSONAnswer:
     """200 when anything was stored (or all were duplicates), 400 when every item was bad."""
     body = {"success": not result.rejected, **result.to_json()}
     nothing_kept = result.accepted == 0 and result.duplicates == 0 and result.rejected
     if nothing_kept:
-        issues = [
-            {**e, "path": (e["path"] if single else f"[{r['index']}].{e['path']}".rstrip("."))}
-            for r in body["rejected"]
-            for e in r["errors"]
-        ]
-        return ORJSONResponse(
+        issues = [e for r in body["rejected"] for e in r["errors"]]
+        return JSONAnswer(
             {
                 "success": False,
                 "error": {
@@ -95,7 +92,18 @@ def ingest_answer(result: IngestResult, *, single: bool) -> ORJSONResponse:
             },
             status_code=400,
         )
-    return ORJSONResponse(body)
+    return JSONAnswer(body)
+
+
+def json_body(description: str) -> dict[str, Any]:
+    """OpenAPI text for a JSON object body that the handler reads itself (within limits)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    }
 
 
 def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
@@ -131,7 +139,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
         title="Waymark",
         version=__version__,
         description="Customer-data hub: Segment-compatible ingestion, profiles, schemas, privacy.",
-        default_response_class=ORJSONResponse,
+        default_response_class=JSONAnswer,
         lifespan=lifespan,
     )
     app.add_exception_handler(WaymarkError, waymark_error_handler)
@@ -154,7 +162,6 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
     def segment_endpoint(call: str) -> Callable[..., Any]:
         async def endpoint(
             request: Request,
-            _body: Annotated[JSONObject | None, Body(description=f"a Segment {call} call")] = None,
         ) -> Response:
             limit = settings.max_batch_bytes if call == "batch" else settings.max_event_bytes * 2
             data = parse_json(await read_body(request, limit))
@@ -163,7 +170,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
             parsed = parse_segment_call(
                 call, data, workspace_id=p.workspace_id, received_at=hub.clock.now(), limits=limits
             )
-            return ingest_answer(await committed(p.workspace_id, parsed), single=call != "batch")
+            return ingest_answer(await committed(p.workspace_id, parsed))
 
         endpoint.__name__ = f"segment_{call}"
         return endpoint
@@ -173,33 +180,41 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
             f"/v1/{call}",
             tags=["ingestion (Segment spec)"],
             summary=f"Segment-compatible {call}",
-            openapi_extra={"requestBody": {"required": True}},
+            openapi_extra=json_body(f"A Segment-spec {call} call."),
         )(segment_endpoint(call))
     app.post("/v1/import", tags=["ingestion (Segment spec)"], include_in_schema=False)(
         segment_endpoint("batch")
     )
 
-    @app.post("/v1/events", tags=["ingestion"], summary="Native batch of events")
+    @app.post(
+        "/v1/events",
+        tags=["ingestion"],
+        summary="Native batch of events",
+        openapi_extra=json_body('{"events": [{"event", "identities", "properties", ...}]}'),
+    )
     async def native_events(
         request: Request,
-        _body: Annotated[JSONObject | None, Body(description='{"events": [...]}')] = None,
     ) -> Response:
         p = principal(request, Scope.INGEST)
         data = parse_json(await read_body(request, settings.max_batch_bytes))
         parsed = parse_native_events(
             data, workspace_id=p.workspace_id, received_at=hub.clock.now(), limits=limits
         )
-        return ingest_answer(await committed(p.workspace_id, parsed), single=False)
+        return ingest_answer(await committed(p.workspace_id, parsed))
 
-    @app.post("/v1/profiles", tags=["ingestion"], summary="Native batch of profile records")
+    @app.post(
+        "/v1/profiles",
+        tags=["ingestion"],
+        summary="Native batch of profile records",
+        openapi_extra=json_body('{"profiles": [{"identities", "attributes", "consents"}]}'),
+    )
     async def native_profiles(
         request: Request,
-        _body: Annotated[JSONObject | None, Body(description='{"profiles": [...]}')] = None,
     ) -> Response:
         p = principal(request, Scope.INGEST)
         data = parse_json(await read_body(request, settings.max_batch_bytes))
         result = await run_in_threadpool(ingestor.native_profiles, p.workspace_id, data)
-        return ingest_answer(result, single=False)
+        return ingest_answer(result)
 
     @app.post("/v1/imports/{kind}", tags=["ingestion"], summary="Upload a file to import")
     async def upload_import(
@@ -232,7 +247,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
             )
         finally:
             path.unlink(missing_ok=True)
-        return ORJSONResponse(report.to_json())
+        return JSONAnswer(report.to_json())
 
     # -- profiles ------------------------------------------------------------------------------
 

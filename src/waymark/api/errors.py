@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 
+from waymark.api.responses import JSONAnswer
 from waymark.core.errors import (
     Conflict,
     Forbidden,
@@ -38,14 +38,14 @@ def error_body(exc: WaymarkError) -> dict[str, Any]:
     return {"error": body}
 
 
-async def waymark_error_handler(_request: Request, exc: Exception) -> ORJSONResponse:
+async def waymark_error_handler(_request: Request, exc: Exception) -> JSONAnswer:
     assert isinstance(exc, WaymarkError)
     status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
     headers = {"WWW-Authenticate": 'Basic realm="waymark"'} if status == 401 else None
-    return ORJSONResponse(error_body(exc), status_code=status, headers=headers)
+    return JSONAnswer(error_body(exc), status_code=status, headers=headers)
 
 
-async def validation_error_handler(_request: Request, exc: Exception) -> ORJSONResponse:
+async def validation_error_handler(_request: Request, exc: Exception) -> JSONAnswer:
     assert isinstance(exc, RequestValidationError)
     errors = [
         {
@@ -55,7 +55,7 @@ async def validation_error_handler(_request: Request, exc: Exception) -> ORJSONR
         }
         for err in exc.errors()
     ]
-    return ORJSONResponse(
+    return JSONAnswer(
         {"error": {"code": "invalid_input", "message": "invalid request", "errors": errors}},
         status_code=400,
     )

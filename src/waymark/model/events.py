@@ -51,6 +51,8 @@ def normalize_identity(namespace: str, value: object) -> Identity:
     text = str(value).strip()
     if not text:
         raise ValueError(f"identity {namespace!r} is empty")
+    if "\x00" in text:
+        raise ValueError(f"identity {namespace!r} contains a NUL character")
     if len(text) > 255:
         raise ValueError(f"identity {namespace!r} is longer than 255 characters")
     if namespace == "email":

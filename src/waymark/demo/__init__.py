@@ -1,0 +1,1 @@
+"""Seeded synthetic online-shop data (profiles, events, schema) for demos, tests and benchmarks."""
