@@ -213,7 +213,7 @@ def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = No
                     kind=kind,
                     path=path,  # type: ignore[arg-type]
                     actor="demo",
-                    progress=lambda d, t: bar.update(task, completed=d, total=t),
+                    progress=lambda d, t, task=task: bar.update(task, completed=d, total=t),
                 )
             data = report.to_json()
             out.print(
