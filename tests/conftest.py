@@ -62,7 +62,9 @@ def _truncate_pg(hub: Hub) -> None:
     names = [t.name for t in metadata.sorted_tables] + [t.name for t in log_metadata.sorted_tables]
     with hub.engine.begin() as conn:
         existing = set(
-            conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname='public'")).scalars()
+            conn.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+            ).scalars()
         )
         todo = [n for n in names if n in existing]
         if todo:
@@ -77,7 +79,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def hub(backend: str, tmp_path: Path, clock: ManualClock, request: pytest.FixtureRequest) -> Iterator[Hub]:
+def hub(
+    backend: str, tmp_path: Path, clock: ManualClock, request: pytest.FixtureRequest
+) -> Iterator[Hub]:
     """A migrated hub on ``backend`` with an empty state and event log."""
     if backend == "postgres":
         url = request.getfixturevalue("pg_database_url")

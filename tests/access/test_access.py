@@ -41,19 +41,28 @@ def test_duplicate_workspace_name_and_bad_inputs(hub: Hub) -> None:
     with hub.tx() as conn:
         ws = access.get_workspace(conn, "shop")
         with pytest.raises(InvalidInput, match="ingest"):
-            access.create_key(conn, workspace_id=ws.id, kind="write", scopes=["admin"],
-                              actor="t", at=now)
+            access.create_key(
+                conn, workspace_id=ws.id, kind="write", scopes=["admin"], actor="t", at=now
+            )
         with pytest.raises(InvalidInput, match="bogus"):
-            access.create_key(conn, workspace_id=ws.id, kind="secret", scopes=["bogus"],
-                              actor="t", at=now)
+            access.create_key(
+                conn, workspace_id=ws.id, kind="secret", scopes=["bogus"], actor="t", at=now
+            )
 
 
 def test_revoked_key_stops_working_and_everything_is_audited(hub: Hub) -> None:
     now = hub.clock.now()
     with hub.tx() as conn:
-        ws, _w, admin = access.create_workspace(conn, name="shop", actor="cli:alice", at=now)
-        key = access.create_key(conn, workspace_id=ws.id, kind="secret", scopes=["read"],
-                                name="reporting", actor="cli:alice", at=now)
+        ws, _w, _admin = access.create_workspace(conn, name="shop", actor="cli:alice", at=now)
+        key = access.create_key(
+            conn,
+            workspace_id=ws.id,
+            kind="secret",
+            scopes=["read"],
+            name="reporting",
+            actor="cli:alice",
+            at=now,
+        )
     with hub.tx() as conn:
         access.authenticate(conn, key.secret)
         access.revoke_key(conn, workspace_id=ws.id, key_id=key.id, actor="cli:alice", at=now)
@@ -70,16 +79,20 @@ def test_user_roles_decide_token_scopes(hub: Hub) -> None:
     now = hub.clock.now()
     with hub.tx() as conn:
         ws, _w, _a = access.create_workspace(conn, name="shop", actor="t", at=now)
-        _u, viewer_token = access.create_user(conn, workspace_id=ws.id, email="V@x.io",
-                                              role="viewer", actor="t", at=now)
-        _m, marketer_token = access.create_user(conn, workspace_id=ws.id, email="m@x.io",
-                                                role="marketer", actor="t", at=now)
+        _u, viewer_token = access.create_user(
+            conn, workspace_id=ws.id, email="V@x.io", role="viewer", actor="t", at=now
+        )
+        _m, marketer_token = access.create_user(
+            conn, workspace_id=ws.id, email="m@x.io", role="marketer", actor="t", at=now
+        )
         with pytest.raises(Conflict):
-            access.create_user(conn, workspace_id=ws.id, email="v@x.io", role="viewer",
-                               actor="t", at=now)
+            access.create_user(
+                conn, workspace_id=ws.id, email="v@x.io", role="viewer", actor="t", at=now
+            )
         with pytest.raises(InvalidInput, match="role"):
-            access.create_user(conn, workspace_id=ws.id, email="z@x.io", role="owner",
-                               actor="t", at=now)
+            access.create_user(
+                conn, workspace_id=ws.id, email="z@x.io", role="owner", actor="t", at=now
+            )
     with hub.tx() as conn:
         viewer = access.authenticate(conn, viewer_token.secret)
         viewer.require(access.Scope.READ)

@@ -31,34 +31,60 @@ def ts(hub: Hub, minutes: int = 0) -> str:
 
 
 def track(hub: Hub, mid: str, event: str, minutes: int, **ids: Any) -> dict[str, Any]:
-    return {"type": "track", "messageId": mid, "event": event, "timestamp": ts(hub, minutes),
-            "properties": {"sku": "A1"}, **ids}
+    return {
+        "type": "track",
+        "messageId": mid,
+        "event": event,
+        "timestamp": ts(hub, minutes),
+        "properties": {"sku": "A1"},
+        **ids,
+    }
 
 
 def test_anonymous_browsing_then_login_merges_and_events_follow(hub: Hub, ws: str) -> None:
     ing = Ingestor(hub)
-    r1 = ing.segment(ws, "batch", {"batch": [
-        track(hub, "m1", "product_view", 1, anonymousId="dev-1"),
-        track(hub, "m2", "cart_add", 2, anonymousId="dev-1"),
-    ]})
+    r1 = ing.segment(
+        ws,
+        "batch",
+        {
+            "batch": [
+                track(hub, "m1", "product_view", 1, anonymousId="dev-1"),
+                track(hub, "m2", "cart_add", 2, anonymousId="dev-1"),
+            ]
+        },
+    )
     assert (r1.accepted, r1.profiles_created) == (2, 1)
     ing.flush()  # the anonymous events reach the log before the merge happens
-    r2 = ing.segment(ws, "identify", {"messageId": "m3", "userId": "u1", "anonymousId": "dev-1",
-                                      "traits": {"email": "Ann@Example.com", "plan": "pro"},
-                                      "timestamp": ts(hub, 3)})
+    r2 = ing.segment(
+        ws,
+        "identify",
+        {
+            "messageId": "m3",
+            "userId": "u1",
+            "anonymousId": "dev-1",
+            "traits": {"email": "Ann@Example.com", "plan": "pro"},
+            "timestamp": ts(hub, 3),
+        },
+    )
     assert r2.accepted == 1 and r2.profiles_created == 0
     # a second device of the same user, seen before login, merges on login
     ing.segment(ws, "track", track(hub, "m4", "app_open", 4, anonymousId="dev-2"))
-    r3 = ing.segment(ws, "identify", {"messageId": "m5", "userId": "u1", "anonymousId": "dev-2",
-                                      "timestamp": ts(hub, 5)})
+    r3 = ing.segment(
+        ws,
+        "identify",
+        {"messageId": "m5", "userId": "u1", "anonymousId": "dev-2", "timestamp": ts(hub, 5)},
+    )
     assert r3.profiles_merged == 1
     ing.flush()
     with hub.tx() as conn:
         view = profiles.lookup(conn, ws, "email", "ann@example.com")
         assert view == profiles.lookup(conn, ws, "anonymous_id", "dev-2")
         assert {(i["namespace"], i["value"]) for i in view["identities"]} == {
-            ("user_id", "u1"), ("anonymous_id", "dev-1"), ("anonymous_id", "dev-2"),
-            ("email", "ann@example.com")}
+            ("user_id", "u1"),
+            ("anonymous_id", "dev-1"),
+            ("anonymous_id", "dev-2"),
+            ("email", "ann@example.com"),
+        }
         assert view["attributes"]["plan"] == "pro"
         events = profiles.timeline(conn, hub.events, ws, view["id"])
         assert conn.execute(select(func.count()).select_from(event_inbox)).scalar_one() == 0
@@ -81,19 +107,42 @@ def test_retried_batches_create_no_duplicates(hub: Hub, ws: str) -> None:
 
 def test_a_batch_with_bad_items_keeps_the_good_ones(hub: Hub, ws: str) -> None:
     with hub.tx() as conn:
-        save_schema(conn, workspace_id=ws, actor="t", at=hub.clock.now(), document={
-            "events": {"purchase": {"properties": {"revenue": {"type": "number"}}}},
-            "unknown_events": "reject"})
+        save_schema(
+            conn,
+            workspace_id=ws,
+            actor="t",
+            at=hub.clock.now(),
+            document={
+                "events": {"purchase": {"properties": {"revenue": {"type": "number"}}}},
+                "unknown_events": "reject",
+            },
+        )
     ing = Ingestor(hub)
-    res = ing.segment(ws, "batch", {"batch": [
-        {"type": "track", "event": "purchase", "userId": "u1", "messageId": "ok",
-         "properties": {"revenue": 12.5}},
-        {"type": "track", "event": "purchase", "userId": "u1", "messageId": "bad-type",
-         "properties": {"revenue": "lots"}},
-        {"type": "track", "event": "teleport", "userId": "u1", "messageId": "unknown"},
-        {"type": "track", "event": "purchase", "messageId": "no-identity"},
-        "not an object",
-    ]})
+    res = ing.segment(
+        ws,
+        "batch",
+        {
+            "batch": [
+                {
+                    "type": "track",
+                    "event": "purchase",
+                    "userId": "u1",
+                    "messageId": "ok",
+                    "properties": {"revenue": 12.5},
+                },
+                {
+                    "type": "track",
+                    "event": "purchase",
+                    "userId": "u1",
+                    "messageId": "bad-type",
+                    "properties": {"revenue": "lots"},
+                },
+                {"type": "track", "event": "teleport", "userId": "u1", "messageId": "unknown"},
+                {"type": "track", "event": "purchase", "messageId": "no-identity"},
+                "not an object",
+            ]
+        },
+    )
     assert res.accepted == 1
     reasons = {e.index: e.issues[0] for e in res.rejected}
     assert sorted(reasons) == [1, 2, 3, 4]
@@ -101,8 +150,16 @@ def test_a_batch_with_bad_items_keeps_the_good_ones(hub: Hub, ws: str) -> None:
     assert "teleport" in reasons[2].reason
     assert "userId" in reasons[3].reason or "anonymousId" in reasons[3].reason
     # a rejected item's messageId is not burnt: the corrected retry is accepted
-    fixed = ing.segment(ws, "track", {"event": "purchase", "userId": "u1", "messageId": "bad-type",
-                                      "properties": {"revenue": 3}})
+    fixed = ing.segment(
+        ws,
+        "track",
+        {
+            "event": "purchase",
+            "userId": "u1",
+            "messageId": "bad-type",
+            "properties": {"revenue": 3},
+        },
+    )
     assert fixed.accepted == 1
     with hub.tx() as conn:
         assert conn.execute(select(func.count()).select_from(seen_messages)).scalar_one() == 2
@@ -110,8 +167,11 @@ def test_a_batch_with_bad_items_keeps_the_good_ones(hub: Hub, ws: str) -> None:
 
 def test_unknown_fields_are_flagged_under_accept(hub: Hub, ws: str) -> None:
     ing = Ingestor(hub)
-    ing.segment(ws, "track", {"event": "brand_new", "userId": "u1", "messageId": "f1",
-                              "properties": {"x": 1}})
+    ing.segment(
+        ws,
+        "track",
+        {"event": "brand_new", "userId": "u1", "messageId": "f1", "properties": {"x": 1}},
+    )
     ing.flush()
     with hub.tx() as conn:
         pid = profiles.find_profile_id(conn, ws, profiles.parse_identity("user_id", "u1"))
@@ -122,14 +182,31 @@ def test_unknown_fields_are_flagged_under_accept(hub: Hub, ws: str) -> None:
 def test_profile_records_with_consents_latest_wins(hub: Hub, ws: str, clock: ManualClock) -> None:
     ing = Ingestor(hub)
     t0 = clock.now() - timedelta(days=2)
-    rec = {"identities": {"user_id": "u9", "email": "z@x.io"}, "attributes": {"plan": "free"},
-           "timestamp": t0.isoformat(),
-           "consents": [{"channel": "email", "purpose": "marketing", "status": "opted_in",
-                         "timestamp": t0.isoformat()}]}
-    older = {**rec, "attributes": {"plan": "ancient"},
-             "timestamp": (t0 - timedelta(days=1)).isoformat(),
-             "consents": [{"channel": "email", "status": "opted_out",
-                           "timestamp": (t0 - timedelta(days=1)).isoformat()}]}
+    rec = {
+        "identities": {"user_id": "u9", "email": "z@x.io"},
+        "attributes": {"plan": "free"},
+        "timestamp": t0.isoformat(),
+        "consents": [
+            {
+                "channel": "email",
+                "purpose": "marketing",
+                "status": "opted_in",
+                "timestamp": t0.isoformat(),
+            }
+        ],
+    }
+    older = {
+        **rec,
+        "attributes": {"plan": "ancient"},
+        "timestamp": (t0 - timedelta(days=1)).isoformat(),
+        "consents": [
+            {
+                "channel": "email",
+                "status": "opted_out",
+                "timestamp": (t0 - timedelta(days=1)).isoformat(),
+            }
+        ],
+    }
     assert ing.native_profiles(ws, {"profiles": [rec]}).accepted == 1
     assert ing.native_profiles(ws, {"profiles": [older]}).accepted == 1
     with hub.tx() as conn:
@@ -144,7 +221,9 @@ def test_shared_device_does_not_join_two_users(hub: Hub, ws: str) -> None:
     res = ing.segment(ws, "identify", {"userId": "u2", "anonymousId": "kiosk", "messageId": "b"})
     assert res.accepted == 1 and res.conflicts
     with hub.tx() as conn:
-        owners = {v: p for v, p in conn.execute(select(identities.c.value, identities.c.profile_id))}
+        owners = {
+            v: p for v, p in conn.execute(select(identities.c.value, identities.c.profile_id))
+        }
     assert owners["u1"] == owners["kiosk"] != owners["u2"]
 
 
@@ -153,5 +232,7 @@ def test_alias_links_previous_id(hub: Hub, ws: str) -> None:
     ing.segment(ws, "track", track(hub, "a1", "view", 1, anonymousId="anon-7"))
     ing.segment(ws, "alias", {"userId": "u7", "previousId": "anon-7", "messageId": "a2"})
     with hub.tx() as conn:
-        assert profiles.lookup(conn, ws, "user_id", "u7")["id"] == profiles.lookup(
-            conn, ws, "anonymous_id", "anon-7")["id"]
+        assert (
+            profiles.lookup(conn, ws, "user_id", "u7")["id"]
+            == profiles.lookup(conn, ws, "anonymous_id", "anon-7")["id"]
+        )

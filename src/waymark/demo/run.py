@@ -14,7 +14,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import uvicorn
@@ -197,7 +197,8 @@ def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = No
         )
 
         out.rule("[bold]3. Batch import (Parquet)")
-        for kind in ("profiles", "events"):
+        kinds: tuple[Literal["profiles", "events"], ...] = ("profiles", "events")
+        for kind in kinds:
             path = next(p for p in summary.files if p.name.startswith(kind))
             with Progress(
                 "{task.description}",
@@ -211,7 +212,7 @@ def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = No
                     hub,
                     workspace_id=ws.id,
                     kind=kind,
-                    path=path,  # type: ignore[arg-type]
+                    path=path,
                     actor="demo",
                     progress=lambda d, t, task=task: bar.update(task, completed=d, total=t),
                 )
