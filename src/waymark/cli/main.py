@@ -789,3 +789,7 @@ def run() -> None:
             for issue in exc.issues:
                 err_console.print(f"  {issue.path or '<input>'}: {issue.reason}")
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,143 @@
+"""HTTP ingestion with durable acknowledgement, embedded default, server and client on one machine.
+
+Starts ``waymark serve`` in its own process on a fresh data folder, then a concurrent asyncio
+client (this process) sends Segment ``/v1/batch`` requests of ``--batch`` events, then single
+``/v1/track`` requests. Prints events/s, requests/s and latency percentiles, and a JSON line.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/http_ingest.py --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import machine  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def drive(url: str, key: str, *, seconds: float, concurrency: int, batch: int | None,
+                users: int) -> dict[str, Any]:
+    auth = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+    latencies: list[float] = []
+    counter = 0
+    events = 0
+    stop = time.monotonic() + seconds
+
+    async def worker(wid: int, client: httpx.AsyncClient) -> None:
+        nonlocal counter, events
+        while time.monotonic() < stop:
+            counter += 1
+            n = counter
+            if batch:
+                body: dict[str, Any] = {"batch": [
+                    {"type": "track", "event": "product_view",
+                     "messageId": f"b{wid}-{n}-{i}", "userId": f"u{(n * 31 + i) % users}",
+                     "anonymousId": f"d{(n * 31 + i) % users}",
+                     "properties": {"sku": f"S{i}", "price": 19.5, "category": "shoes"}}
+                    for i in range(batch)]}
+                path = "/v1/batch"
+            else:
+                body = {"event": "product_view", "messageId": f"s{wid}-{n}",
+                        "userId": f"u{n % users}", "properties": {"sku": "S1", "price": 9.5}}
+                path = "/v1/track"
+            t0 = time.perf_counter()
+            r = await client.post(path, content=json.dumps(body),
+                                  headers={"Authorization": auth,
+                                           "Content-Type": "application/json"})
+            latencies.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
+            events += r.json()["accepted"]
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        started = time.monotonic()
+        await asyncio.gather(*(worker(i, client) for i in range(concurrency)))
+        elapsed = time.monotonic() - started
+    return {
+        "requests": len(latencies),
+        "events": events,
+        "seconds": round(elapsed, 2),
+        "events_per_s": round(events / elapsed),
+        "requests_per_s": round(len(latencies) / elapsed),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--single-concurrency", type=int, default=16)
+    ap.add_argument("--users", type=int, default=20_000)
+    args = ap.parse_args()
+
+    data = Path(tempfile.mkdtemp(prefix="waymark-bench-"))
+    env = {**os.environ, "WAYMARK_DATA_DIR": str(data), "WAYMARK_LOG_LEVEL": "warning"}
+    exe = [sys.executable, "-m", "waymark.cli.main"]
+    created = subprocess.run([*exe, "workspace", "create", "bench", "--json"], env=env,
+                             check=True, capture_output=True, text=True)
+    key = json.loads(created.stdout)["write_key"]
+    port = free_port()
+    server = subprocess.Popen([*exe, "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("server did not start")
+            time.sleep(0.2)
+        batched = asyncio.run(drive(url, key, seconds=args.seconds,
+                                    concurrency=args.concurrency, batch=args.batch,
+                                    users=args.users))
+        single = asyncio.run(drive(url, key, seconds=args.seconds,
+                                   concurrency=args.single_concurrency, batch=None,
+                                   users=args.users))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    result = {"benchmark": "http_ingest", "batch_size": args.batch,
+              "batched": batched, "single": single, "machine": machine()}
+    print(f"batches of {args.batch}, {args.concurrency} connections: "
+          f"{batched['events_per_s']:,} events/s acknowledged durable "
+          f"(p50 {batched['p50_ms']} ms, p99 {batched['p99_ms']} ms per batch)")
+    print(f"single events, {args.single_concurrency} connections: "
+          f"{single['requests_per_s']:,} requests/s, p50 {single['p50_ms']} ms, "
+          f"p99 {single['p99_ms']} ms")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
