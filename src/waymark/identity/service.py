@@ -10,11 +10,11 @@ the event log re-points too). The caller owns the transaction.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, tuple_, update
+from sqlalchemy import Connection, bindparam, case, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waymark.core.ids import new_id
@@ -33,10 +33,39 @@ from waymark.identity.graph import (
 from waymark.model.events import ConsentStatus, ConsentUpdate, Identity
 from waymark.model.json import to_jsonable
 from waymark.storage.eventlog import events_table
-from waymark.storage.tables import consents, event_inbox, identities, profile_merges, profiles
+from waymark.storage.tables import (
+    UtcDateTime,
+    consents,
+    event_inbox,
+    identities,
+    profile_merges,
+    profiles,
+)
 from waymark.storage.upsert import upsert
 
 _CHUNK = 400  # bound on bind parameters per IN list
+_FIND_OWNERS = select(identities.c.value, identities.c.profile_id).where(
+    identities.c.workspace_id == bindparam("ws"),
+    identities.c.namespace == bindparam("ns"),
+    identities.c.value.in_(bindparam("values", expanding=True)),
+)
+_TOUCH_PROFILE = (
+    update(profiles)
+    .where(profiles.c.workspace_id == bindparam("b_ws"), profiles.c.id == bindparam("b_id"))
+    .values(
+        first_seen=case(
+            (profiles.c.first_seen > bindparam("b_first", type_=UtcDateTime), bindparam("b_first")),
+            else_=profiles.c.first_seen,
+        ),
+        last_seen=case(
+            (profiles.c.last_seen < bindparam("b_last", type_=UtcDateTime), bindparam("b_last")),
+            else_=profiles.c.last_seen,
+        ),
+    )
+)
+_UPDATE_PROFILE = update(profiles).where(
+    profiles.c.workspace_id == bindparam("b_ws"), profiles.c.id == bindparam("b_id")
+)
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -53,6 +82,13 @@ def state_from_row(row: Mapping[Any, Any], links: Iterable[LinkedIdentity]) -> P
         for key, m in meta.items()
     }
     return ProfileState(row["id"], tuple(links), values, row["first_seen"], row["last_seen"])
+
+
+def _widen(state: ProfileState, first: datetime, last: datetime) -> ProfileState:
+    """``state`` with its seen-interval widened to include ``first`` and ``last``."""
+    return replace(
+        state, first_seen=min(state.first_seen, first), last_seen=max(state.last_seen, last)
+    )
 
 
 def _row_values(state: ProfileState) -> dict[str, Any]:
@@ -95,33 +131,38 @@ class ProfileWriter:
         self.owners: dict[Identity, str | None] = {}
         self.states: dict[str, ProfileState] = {}
         self.stored: set[str] = set()  # profile ids that exist in the database
+        self.loaded: dict[str, ProfileState] = {}  # as last read from or written to the database
+        self.loaded_links: dict[Identity, tuple[str, datetime]] = {}
         self.dirty: set[str] = set()
         self.absorbed: dict[str, str] = {}
         self.unlinked: set[Identity] = set()
         self.consent_updates: dict[tuple[str, str, str], ConsentUpdate] = {}
+        # profiles seen again with nothing new but a time: (earliest, latest), written by one
+        # UPDATE without loading the profile
+        self.touches: dict[str, tuple[datetime, datetime]] = {}
         self.stats = WriteStats()
 
     # -- loading -------------------------------------------------------------------------------
 
     def preload(self, wanted: Iterable[Identity]) -> None:
-        """Load, in a few queries, the owners of ``wanted`` identities and their profiles."""
+        """Find, in a few queries, which profiles own the ``wanted`` identities. Profiles are
+        loaded later, only when a record needs more than a touch of ``last_seen``."""
         missing = sorted({i for i in wanted if i not in self.owners})
         if not missing:
             return
         found: dict[Identity, str] = {}
-        for chunk in _chunks(missing):
-            rows = self.conn.execute(
-                select(identities.c.namespace, identities.c.value, identities.c.profile_id).where(
-                    identities.c.workspace_id == self.workspace_id,
-                    tuple_(identities.c.namespace, identities.c.value).in_(
-                        [(i.namespace, i.value) for i in chunk]
-                    ),
+        by_namespace: dict[str, list[str]] = {}
+        for identity in missing:
+            by_namespace.setdefault(identity.namespace, []).append(identity.value)
+        # one IN list per namespace: SQLite uses the primary key for it (not for row values)
+        for namespace, values in by_namespace.items():
+            for chunk in _chunks(values):
+                rows = self.conn.execute(
+                    _FIND_OWNERS, {"ws": self.workspace_id, "ns": namespace, "values": chunk}
                 )
-            )
-            found.update({Identity(r.namespace, r.value): r.profile_id for r in rows})
+                found.update({Identity(namespace, value): pid for value, pid in rows})
         for identity in missing:
             self.owners[identity] = found.get(identity)
-        self.load_profiles({p for p in found.values() if p not in self.states})
 
     def load_profiles(self, ids: Iterable[str]) -> None:
         """Load profiles by id (with all their links) into the batch."""
@@ -136,14 +177,21 @@ class ProfileWriter:
             ).mappings():
                 identity = Identity(r["namespace"], r["value"])
                 links[r["profile_id"]].append(LinkedIdentity(identity, r["first_seen"]))
+                self.loaded_links[identity] = (r["profile_id"], r["first_seen"])
                 self.owners.setdefault(identity, r["profile_id"])
             for row in self.conn.execute(
                 select(profiles).where(
                     profiles.c.workspace_id == self.workspace_id, profiles.c.id.in_(chunk)
                 )
             ).mappings():
-                self.states[row["id"]] = state_from_row(row, links[row["id"]])
+                state = state_from_row(row, links[row["id"]])
+                self.loaded[row["id"]] = state
                 self.stored.add(row["id"])
+                touch = self.touches.pop(row["id"], None)
+                if touch is not None:
+                    state = _widen(state, *touch)
+                    self.dirty.add(row["id"])
+                self.states[row["id"]] = state
 
     # -- changes -------------------------------------------------------------------------------
 
@@ -168,7 +216,14 @@ class ProfileWriter:
         """
         if not ids:
             raise ValueError("a record needs at least one identity")
-        self.preload(ids)
+        if any(i not in self.owners for i in ids):
+            self.preload(ids)
+        owner_ids = {self.owners.get(i) for i in ids}
+        if not attributes and len(owner_ids) == 1:
+            only = owner_ids.pop()
+            if only is not None:  # every identity already on one profile: just a touch
+                return self._touch(self.canonical(only), at)
+        self.load_profiles({o for o in owner_ids if o is not None})
         owners = {
             i: self.states[owner] for i in set(ids) if (owner := self.owners.get(i)) is not None
         }
@@ -199,6 +254,17 @@ class ProfileWriter:
         self.dirty.add(state.profile_id)
         return state.profile_id
 
+    def _touch(self, pid: str, at: datetime) -> str:
+        state = self.states.get(pid)
+        if state is not None:
+            if at > state.last_seen or at < state.first_seen:
+                self.states[pid] = _widen(state, at, at)
+                self.dirty.add(pid)
+            return pid
+        known = self.touches.get(pid)
+        self.touches[pid] = (min(known[0], at), max(known[1], at)) if known else (at, at)
+        return pid
+
     def _unlink(self, identity: Identity) -> None:
         self.owners[identity] = None
         self.unlinked.add(identity)
@@ -222,34 +288,46 @@ class ProfileWriter:
         """Write every change of the batch (in the caller's transaction)."""
         conn, ws = self.conn, self.workspace_id
         absorbed_stored = {a: self.canonical(a) for a in self.absorbed if a in self.stored}
-        # profiles
+        # profiles: one executemany for the changed, one for the new
+        changed: list[dict[str, Any]] = []
+        created: list[dict[str, Any]] = []
         for pid in sorted(self.dirty):
-            values = _row_values(self.states[pid])
+            state = self.states[pid]
+            if self.loaded.get(pid) == state:
+                continue
+            values = _row_values(state)
             if pid in self.stored:
-                conn.execute(
-                    update(profiles)
-                    .where(profiles.c.workspace_id == ws, profiles.c.id == pid)
-                    .values(**values, updated_at=self.now)
-                )
+                changed.append({"b_ws": ws, "b_id": pid, **values})
             else:
-                conn.execute(
-                    insert(profiles).values(
-                        id=pid, workspace_id=ws, created_at=self.now, updated_at=self.now, **values
-                    )
-                )
-                self.stored.add(pid)
-        # identity links
+                created.append({"id": pid, "workspace_id": ws, "created_at": self.now, **values})
+        if changed:
+            conn.execute(_UPDATE_PROFILE.values(updated_at=self.now), changed)
+        if created:
+            conn.execute(insert(profiles).values(updated_at=self.now), created)
+            self.stored.update(r["id"] for r in created)
+        if self.touches:
+            conn.execute(
+                _TOUCH_PROFILE,
+                [
+                    {"b_ws": ws, "b_id": pid, "b_first": first, "b_last": last}
+                    for pid, (first, last) in sorted(self.touches.items())
+                ],
+            )
+            self.touches.clear()
+        # identity links: delete the removed, upsert the new or moved
         gone = sorted(i for i in self.unlinked if self.owners.get(i) is None)
-        for chunk in _chunks(gone):
+        for identity in gone:
+            self.loaded_links.pop(identity, None)
+        if gone:
             conn.execute(
                 delete(identities).where(
-                    identities.c.workspace_id == ws,
-                    tuple_(identities.c.namespace, identities.c.value).in_(
-                        [(i.namespace, i.value) for i in chunk]
-                    ),
-                )
+                    identities.c.workspace_id == bindparam("b_ws"),
+                    identities.c.namespace == bindparam("b_ns"),
+                    identities.c.value == bindparam("b_value"),
+                ),
+                [{"b_ws": ws, "b_ns": i.namespace, "b_value": i.value} for i in gone],
             )
-        links = [
+        links: list[dict[str, Any]] = [
             {
                 "workspace_id": ws,
                 "namespace": li.identity.namespace,
@@ -259,6 +337,7 @@ class ProfileWriter:
             }
             for pid in sorted(self.dirty)
             for li in self.states[pid].identities
+            if self.loaded_links.get(li.identity) != (pid, li.first_seen)
         ]
         upsert(
             conn,
@@ -267,6 +346,13 @@ class ProfileWriter:
             keys=["workspace_id", "namespace", "value"],
             update=["profile_id", "first_seen"],
         )
+        for link in links:
+            self.loaded_links[Identity(link["namespace"], link["value"])] = (
+                link["profile_id"],
+                link["first_seen"],
+            )
+        for pid in self.dirty:
+            self.loaded[pid] = self.states[pid]
         # merges of stored profiles: consents, waiting events, the log, then the rows
         for absorbed, survivor in sorted(absorbed_stored.items()):
             self._move_consents(absorbed, survivor)

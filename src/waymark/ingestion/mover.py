@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
-import orjson
 import pyarrow as pa
 from sqlalchemy import Engine, delete, select, text
 
 from waymark.storage.eventlog import EVENT_ARROW_SCHEMA, EventLog
+from waymark.storage.hotpath import INBOX_COLUMNS
 from waymark.storage.tables import event_inbox, profile_merges
 
 log = logging.getLogger(__name__)
@@ -30,18 +31,16 @@ class FlushStats:
     merges: int
 
 
-def _rows_to_arrow(rows: list[dict[str, object]]) -> pa.Table:
-    columns: dict[str, list[object]] = {name: [] for name in EVENT_ARROW_SCHEMA.names}
-    for row in rows:
-        body = orjson.loads(str(row["body"]))
-        for key in ("workspace_id", "profile_id", "message_id", "type", "name"):
-            columns[key].append(row[key])
-        columns["timestamp"].append(row["timestamp"])
-        columns["received_at"].append(row["received_at"])
-        for key in ("identities", "properties", "traits", "context", "flags"):
-            columns[key].append(orjson.dumps(body.get(key, {} if key != "flags" else [])).decode())
-        columns["source"].append(body.get("source", "api"))
-    return pa.table(columns, schema=EVENT_ARROW_SCHEMA)
+def _rows_to_arrow(rows: list[tuple[Any, ...]]) -> pa.Table:
+    """Inbox rows (``INBOX_COLUMNS`` order) as the log's Arrow batch; JSON stays text."""
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in INBOX_COLUMNS]
+    data = dict(zip(INBOX_COLUMNS, columns, strict=True))
+    if data and rows and isinstance(data["timestamp"][0], str):  # SQLite keeps text
+        for key in ("timestamp", "received_at"):
+            data[key] = tuple(datetime.fromisoformat(v).replace(tzinfo=UTC) for v in data[key])
+    return pa.table(
+        {name: list(data[name]) for name in EVENT_ARROW_SCHEMA.names}, schema=EVENT_ARROW_SCHEMA
+    )
 
 
 _PG_MOVE = text(
@@ -52,10 +51,11 @@ _PG_MOVE = text(
         RETURNING *
     )
     INSERT INTO events (workspace_id, profile_id, message_id, type, name, timestamp,
-        received_at, identities, properties, traits, context, source, flags)
+        received_at, identities, properties, traits, context, source, flags, previous_id,
+        group_id)
     SELECT workspace_id, profile_id, message_id, type, name, timestamp, received_at,
-        (body::jsonb) -> 'identities', (body::jsonb) -> 'properties', (body::jsonb) -> 'traits',
-        (body::jsonb) -> 'context', (body::jsonb) ->> 'source', (body::jsonb) -> 'flags'
+        identities::jsonb, properties::jsonb, traits::jsonb, context::jsonb, source,
+        flags::jsonb, previous_id, group_id
     FROM moved ORDER BY seq
     """
 )
@@ -90,16 +90,15 @@ def flush(
         with engine.begin() as conn:
             # rows at or below the watermark are already in the log: finish their cleanup
             conn.execute(delete(event_inbox).where(event_inbox.c.seq <= done))
-            rows = [
-                dict(r)
-                for r in conn.execute(
-                    select(event_inbox).order_by(event_inbox.c.seq).limit(batch_size)
-                ).mappings()
-            ]
-        if not rows:
+            fetched = conn.exec_driver_sql(
+                f"SELECT seq, {', '.join(INBOX_COLUMNS)} FROM event_inbox "
+                f"ORDER BY seq LIMIT {int(batch_size)}"
+            ).all()
+        if not fetched:
             break
-        upto = int(str(rows[-1]["seq"]))
-        events.append(_rows_to_arrow(rows), inbox_upto=upto)
+        upto = int(fetched[-1][0])
+        rows = [tuple(r[1:]) for r in fetched]
+        events.append(_rows_to_arrow(rows), marker=("inbox", upto))
         with engine.begin() as conn:
             conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
         moved += len(rows)

@@ -8,23 +8,20 @@ are resolved and the claimed events are written to the inbox. Commit = durable =
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, insert
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection
 
 from waymark.core.errors import Issue
 from waymark.identity.graph import IdentityConflict, MergePolicy
 from waymark.identity.service import ProfileWriter
 from waymark.ingestion.payloads import ItemError, Parsed
 from waymark.model.events import Event, EventType, Identity, ProfileRecord, normalize_identity
-from waymark.model.json import to_jsonable
 from waymark.model.schemas import Schema, validate_attributes, validate_event
-from waymark.storage.tables import event_inbox, seen_messages
+from waymark.storage.hotpath import claim_message_ids, insert_inbox
 
 _CHUNK = 400
 
@@ -116,43 +113,32 @@ def validate_event_item(schema: Schema, event: Event) -> Event | tuple[Issue, ..
     return replace(event, properties=properties, traits=traits, flags=tuple(flags))
 
 
-def _claim_message_ids(
-    conn: Connection, workspace_id: str, message_ids: Sequence[str], at: datetime
-) -> set[str]:
-    """Insert ``message_ids`` into ``seen_messages``; return those that were not seen before."""
-    claimed: set[str] = set()
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    for i in range(0, len(message_ids), _CHUNK):
-        chunk = message_ids[i : i + _CHUNK]
-        stmt = (
-            dialect.insert(seen_messages)
-            .values(
-                [{"workspace_id": workspace_id, "message_id": m, "received_at": at} for m in chunk]
-            )
-            .on_conflict_do_nothing(index_elements=["workspace_id", "message_id"])
-            .returning(seen_messages.c.message_id)
-        )
-        claimed.update(conn.execute(stmt).scalars())
-    return claimed
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
 
 
-def _inbox_body(event: Event) -> str:
+def inbox_row(workspace_id: str, profile_id: str, event: Event) -> dict[str, Any]:
+    """The ``event_inbox`` row of an accepted event (JSON columns encoded once, here)."""
     identities: dict[str, str] = {}
     for identity in event.identities:
         identities.setdefault(identity.namespace, identity.value)
-    body = {
-        "identities": identities,
-        "properties": to_jsonable(event.properties),
-        "traits": to_jsonable(event.traits),
-        "context": to_jsonable(event.context),
+    return {
+        "workspace_id": workspace_id,
+        "profile_id": profile_id,
+        "message_id": event.message_id,
+        "type": event.type.value,
+        "name": event.name,
+        "timestamp": event.timestamp,
+        "received_at": event.received_at,
+        "identities": _dumps(identities),
+        "properties": _dumps(event.properties),
+        "traits": _dumps(event.traits),
+        "context": _dumps(event.context),
+        "flags": _dumps(list(event.flags)),
         "source": event.source,
-        "flags": list(event.flags),
+        "previous_id": event.previous_id,
+        "group_id": event.group_id,
     }
-    if event.previous_id is not None:
-        body["previous_id"] = event.previous_id
-    if event.group_id is not None:
-        body["group_id"] = event.group_id
-    return orjson.dumps(body, default=str).decode()
 
 
 def _alias_identity(writer: ProfileWriter, previous_id: str) -> Identity:
@@ -190,7 +176,7 @@ def ingest_events(
     result.rejected.sort(key=lambda e: e.index)
     if not valid:
         return result
-    claimed = _claim_message_ids(conn, workspace_id, [e.message_id for _, e in valid], now)
+    claimed = claim_message_ids(conn, workspace_id, [e.message_id for _, e in valid], now)
     fresh = [(i, e) for i, e in valid if e.message_id in claimed]
     result.duplicates += len(valid) - len(fresh)
     writer = ProfileWriter(
@@ -206,21 +192,8 @@ def ingest_events(
         pid = writer.record(ids, traits, at=event.timestamp, source=event.source)
         placed.append((pid, event))
     stats = writer.flush()
-    rows = [
-        {
-            "workspace_id": workspace_id,
-            "profile_id": writer.canonical(pid),
-            "message_id": event.message_id,
-            "type": event.type.value,
-            "name": event.name,
-            "timestamp": event.timestamp,
-            "received_at": event.received_at,
-            "body": _inbox_body(event),
-        }
-        for pid, event in placed
-    ]
-    if rows:
-        conn.execute(insert(event_inbox), rows)
+    rows = [inbox_row(workspace_id, writer.canonical(pid), event) for pid, event in placed]
+    insert_inbox(conn, rows)
     result.accepted = len(rows)
     result.profiles_created = stats.created
     result.profiles_merged = stats.merged

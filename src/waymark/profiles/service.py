@@ -132,7 +132,6 @@ def timeline(
     ).mappings()
     out: list[dict[str, Any]] = []
     for r in waiting:
-        body = orjson.loads(r["body"])
         out.append(
             {
                 "message_id": r["message_id"],
@@ -141,7 +140,13 @@ def timeline(
                 "timestamp": r["timestamp"].isoformat(),
                 "received_at": r["received_at"].isoformat(),
                 "profile_id": r["profile_id"],
-                **body,
+                **{
+                    k: orjson.loads(r[k])
+                    for k in ("identities", "properties", "traits", "context", "flags")
+                },
+                "source": r["source"],
+                "previous_id": r["previous_id"],
+                "group_id": r["group_id"],
             }
         )
     out.extend(e.to_json() for e in log.events_for_profile(workspace_id, profile_id, limit=limit))

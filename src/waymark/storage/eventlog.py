@@ -4,8 +4,9 @@ Acknowledged events first land in the state store's ``event_inbox`` inside the i
 transaction (durable at acknowledgement). The mover (:func:`waymark.ingestion.mover.flush`)
 then appends them here in large batches; each append records the highest inbox ``seq`` it
 contains in the same log transaction, so a crash between the append and the inbox cleanup
-never appends an event twice. File imports append directly in bulk (their idempotency comes from
-import checkpoints). Profile merges are applied here by re-pointing ``profile_id``.
+never appends an event twice. File imports append directly in bulk, each chunk carrying its own
+marker (``import:<id>`` = last data row appended) in the same way. Profile merges are applied
+here by re-pointing ``profile_id``.
 
 Order of events is ``(timestamp, seq)``: ``seq`` is assigned by the log on append, so two events
 with the same timestamp have one defined order in every evaluator.
@@ -64,9 +65,22 @@ EVENT_ARROW_SCHEMA = pa.schema(
         ("context", pa.string()),
         ("source", pa.string()),
         ("flags", pa.string()),
+        ("previous_id", pa.string()),
+        ("group_id", pa.string()),
     ]
 )
 JSON_COLUMNS = ("identities", "properties", "traits", "context", "flags")
+
+
+OPTIONAL_COLUMNS = ("previous_id", "group_id")
+
+
+def conform(rows: pa.Table) -> pa.Table:
+    """``rows`` in ``EVENT_ARROW_SCHEMA`` order and types; optional columns may be absent."""
+    for name in OPTIONAL_COLUMNS:
+        if name not in rows.column_names:
+            rows = rows.append_column(name, pa.nulls(rows.num_rows, pa.string()))
+    return rows.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +101,8 @@ class LoggedEvent:
     context: dict[str, Any]
     source: str
     flags: list[str]
+    previous_id: str | None = None
+    group_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (timestamps as ISO-8601)."""
@@ -104,15 +120,27 @@ class LoggedEvent:
             "context": self.context,
             "source": self.source,
             "flags": self.flags,
+            "previous_id": self.previous_id,
+            "group_id": self.group_id,
         }
 
 
 class EventLog(Protocol):
     """What the hub needs of an event log."""
 
-    def append(self, rows: pa.Table, *, inbox_upto: int | None = None) -> int:
-        """Append ``rows`` (``EVENT_ARROW_SCHEMA``); with ``inbox_upto``, also raise the inbox
-        watermark in the same transaction, skipping the append if it was already done."""
+    def append(self, rows: pa.Table, *, marker: tuple[str, int] | None = None) -> int:
+        """Append ``rows`` (``EVENT_ARROW_SCHEMA``); return how many were appended.
+
+        With ``marker=(key, value)`` the watermark ``key`` is raised to ``value`` in the same
+        transaction, and nothing is appended (0 is returned) when it already is ``>= value``:
+        a batch retried after a crash is never appended twice. The mover uses the key
+        ``"inbox"`` (value: highest inbox ``seq``), file imports ``"import:<id>"`` (value:
+        last data row of the chunk).
+        """
+        ...
+
+    def marker_value(self, key: str) -> int:
+        """The value of the watermark ``key`` (0 when never set)."""
         ...
 
     def inbox_watermark(self) -> int:
@@ -171,12 +199,14 @@ def _row_to_event(row: Sequence[Any]) -> LoggedEvent:
         context=_decode(row[11]),
         source=row[12],
         flags=_decode(row[13]) or [],
+        previous_id=row[14],
+        group_id=row[15],
     )
 
 
 _COLUMNS = (
     "seq, workspace_id, profile_id, message_id, type, name, timestamp, received_at, "
-    "identities, properties, traits, context, source, flags"
+    "identities, properties, traits, context, source, flags, previous_id, group_id"
 )
 
 
@@ -210,7 +240,9 @@ class DuckDBEventLog:
                 traits JSON,
                 context JSON,
                 source VARCHAR,
-                flags JSON
+                flags JSON,
+                previous_id VARCHAR,
+                group_id VARCHAR
             );
             CREATE TABLE IF NOT EXISTS log_meta (key VARCHAR PRIMARY KEY, value BIGINT NOT NULL);
             """
@@ -242,23 +274,24 @@ class DuckDBEventLog:
             [key, value],
         )
 
-    def append(self, rows: pa.Table, *, inbox_upto: int | None = None) -> int:
-        rows = rows.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
+    def append(self, rows: pa.Table, *, marker: tuple[str, int] | None = None) -> int:
+        rows = conform(rows)
         with self._tx() as cur:
-            if inbox_upto is not None:
-                if self._meta(cur, "inbox") >= inbox_upto:
+            if marker is not None:
+                key, value = marker
+                if self._meta(cur, key) >= value:
                     return 0
-                self._set_meta(cur, "inbox", inbox_upto)
+                self._set_meta(cur, key, value)
             cur.register("incoming_rows", rows)
             try:
                 cur.execute(
                     """
                     INSERT INTO events (workspace_id, profile_id, message_id, type, name,
                         timestamp, received_at, identities, properties, traits, context,
-                        source, flags)
+                        source, flags, previous_id, group_id)
                     SELECT workspace_id, profile_id, message_id, type, name, timestamp,
                         received_at, identities::JSON, properties::JSON, traits::JSON,
-                        context::JSON, source, flags::JSON
+                        context::JSON, source, flags::JSON, previous_id, group_id
                     FROM incoming_rows
                     """
                 )
@@ -266,9 +299,12 @@ class DuckDBEventLog:
                 cur.unregister("incoming_rows")
         return int(rows.num_rows)
 
-    def inbox_watermark(self) -> int:
+    def marker_value(self, key: str) -> int:
         with self._lock:
-            return self._meta(self._conn.cursor(), "inbox")
+            return self._meta(self._conn.cursor(), key)
+
+    def inbox_watermark(self) -> int:
+        return self.marker_value("inbox")
 
     def merge_watermark(self) -> int:
         with self._lock:
@@ -348,13 +384,15 @@ events_table = Table(
     Column("context", JSONB),
     Column("source", String(100)),
     Column("flags", JSONB),
+    Column("previous_id", String(255)),
+    Column("group_id", String(255)),
     Index("ix_events_profile", "workspace_id", "profile_id", "timestamp"),
     Index("ix_events_workspace_ts", "workspace_id", "timestamp"),
 )
 log_meta_table = Table(
     "event_log_meta",
     log_metadata,
-    Column("key", String(32), primary_key=True),
+    Column("key", String(100), primary_key=True),  # "inbox", "merges", "import:<id>"
     Column("value", BigInteger, nullable=False),
 )
 
@@ -382,28 +420,30 @@ class PostgresEventLog:
         value = conn.execute(stmt).scalar()
         return int(value or 0)
 
-    def append(self, rows: pa.Table, *, inbox_upto: int | None = None) -> int:
-        rows = rows.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
+    def append(self, rows: pa.Table, *, marker: tuple[str, int] | None = None) -> int:
+        rows = conform(rows)
         records = rows.to_pylist()
         for rec in records:
             for col in JSON_COLUMNS:
                 rec[col] = orjson.loads(rec[col]) if rec[col] is not None else None
         with self._engine.begin() as conn:
-            if inbox_upto is not None:
-                if self._meta(conn, "inbox", lock=True) >= inbox_upto:
+            if marker is not None:
+                key, value = marker
+                if self._meta(conn, key, lock=True) >= value:
                     return 0
                 conn.execute(
-                    update(log_meta_table)
-                    .where(log_meta_table.c.key == "inbox")
-                    .values(value=inbox_upto)
+                    update(log_meta_table).where(log_meta_table.c.key == key).values(value=value)
                 )
             if records:
                 conn.execute(insert(events_table), records)
         return len(records)
 
-    def inbox_watermark(self) -> int:
+    def marker_value(self, key: str) -> int:
         with self._engine.connect() as conn:
-            return self._meta(conn, "inbox")
+            return self._meta(conn, key)
+
+    def inbox_watermark(self) -> int:
+        return self.marker_value("inbox")
 
     def merge_watermark(self) -> int:
         with self._engine.connect() as conn:

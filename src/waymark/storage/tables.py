@@ -22,7 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 metadata = MetaData(
     naming_convention={
@@ -34,19 +34,32 @@ metadata = MetaData(
 )
 
 
+def sqlite_time(value: datetime) -> str:
+    """How SQLite stores an instant: fixed-width UTC text, so text order is time order."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
 class UtcDateTime(TypeDecorator[datetime]):
-    """Aware UTC datetimes in and out, on every backend (SQLite keeps no zone)."""
+    """Aware UTC datetimes in and out, on every backend.
+
+    PostgreSQL keeps ``timestamptz``; SQLite keeps :func:`sqlite_time` text (one conversion
+    each way, which matters on the ingestion hot path).
+    """
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(26))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return sqlite_time(value) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -201,7 +214,15 @@ event_inbox = Table(
     Column("name", String(200), nullable=False),
     Column("timestamp", UtcDateTime, nullable=False),
     Column("received_at", UtcDateTime, nullable=False),
-    Column("body", Text, nullable=False),  # JSON: identities, properties, traits, context, ...
+    # JSON text, ready to append to the log without re-encoding
+    Column("identities", Text, nullable=False),
+    Column("properties", Text, nullable=False),
+    Column("traits", Text, nullable=False),
+    Column("context", Text, nullable=False),
+    Column("flags", Text, nullable=False),
+    Column("source", String(100), nullable=False),
+    Column("previous_id", String(255)),
+    Column("group_id", String(255)),
     Index("ix_event_inbox_profile", "workspace_id", "profile_id"),
     sqlite_autoincrement=True,
 )
