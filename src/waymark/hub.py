@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine
 
 from waymark.core.clock import Clock, SystemClock
 from waymark.settings import Settings
-from waymark.storage.database import create_state_engine, migrate
+from waymark.storage.database import create_state_engine, migrate, write_tx
 from waymark.storage.eventlog import EventLog, open_event_log
 
 
@@ -58,7 +58,7 @@ class Hub:
     @contextmanager
     def tx(self) -> Iterator[Connection]:
         """A state-store transaction, committed when the block ends without error."""
-        with self.engine.begin() as conn:
+        with write_tx(self.engine) as conn:
             yield conn
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ concurrent requests); everything else runs in FastAPI's thread pool.
 from __future__ import annotations
 
 import asyncio
+import sys
 import tempfile
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -117,6 +118,9 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # the writer thread and the event loop hand work to each other many times per
+        # request; the default 5 ms GIL switch interval would dominate latency
+        sys.setswitchinterval(0.0005)
         committer = GroupCommitter(hub)
         state["committer"] = committer
         task = None

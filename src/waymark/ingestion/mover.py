@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 from sqlalchemy import Engine, delete, select, text
 
+from waymark.storage.database import write_tx
 from waymark.storage.eventlog import EVENT_ARROW_SCHEMA, EventLog
 from waymark.storage.hotpath import INBOX_COLUMNS
 from waymark.storage.tables import event_inbox, profile_merges
@@ -67,7 +68,7 @@ def flush_shared(engine: Engine, *, batch_size: int = 20_000) -> FlushStats:
     yet committed, are left for later). Merges were applied in the merging transaction."""
     moved = 0
     while True:
-        with engine.begin() as conn:
+        with write_tx(engine) as conn:
             count = conn.execute(_PG_MOVE, {"n": batch_size}).rowcount or 0
         moved += count
         if count < batch_size:
@@ -87,7 +88,7 @@ def flush(
     moved = 0
     while True:
         done = events.inbox_watermark()
-        with engine.begin() as conn:
+        with write_tx(engine) as conn:
             # rows at or below the watermark are already in the log: finish their cleanup
             conn.execute(delete(event_inbox).where(event_inbox.c.seq <= done))
             fetched = conn.exec_driver_sql(
@@ -99,7 +100,7 @@ def flush(
         upto = int(fetched[-1][0])
         rows = [tuple(r[1:]) for r in fetched]
         events.append(_rows_to_arrow(rows), marker=("inbox", upto))
-        with engine.begin() as conn:
+        with write_tx(engine) as conn:
             conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
         moved += len(rows)
         if len(rows) < batch_size:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
@@ -60,7 +64,11 @@ def create_state_engine(url: str, *, pool_size: int = 8) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # writers take the write lock up front (no deadlock on upgrade); readers do not
+            immediate = conn.get_execution_options().get("waymark_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        _WRITE_LOCKS[engine] = threading.Lock()
 
         return engine
     if backend == "postgresql":
@@ -79,6 +87,23 @@ def create_state_engine(url: str, *, pool_size: int = 8) -> Engine:
     )
 
 
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def write_tx(engine: Engine) -> Iterator[Connection]:
+    """A write transaction, committed when the block ends without error.
+
+    On SQLite, writers of this process queue on a lock before ``BEGIN IMMEDIATE``: SQLite's own
+    busy handler sleeps in steps of up to 100 ms, far too coarse for group commit.
+    """
+    lock = _WRITE_LOCKS.get(engine)
+    with lock if lock is not None else nullcontext(), engine.connect() as base:
+        conn = base.execution_options(waymark_write=True)
+        with conn.begin():
+            yield conn
+
+
 def _alembic_config(engine: Engine) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -88,7 +113,7 @@ def _alembic_config(engine: Engine) -> Config:
 
 def migrate(engine: Engine) -> None:
     """Bring the state store's schema to the newest migration (idempotent)."""
-    with engine.begin() as conn:
+    with write_tx(engine) as conn:
         cfg = _alembic_config(engine)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
