@@ -102,11 +102,14 @@ def test_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     exe = [sys.executable, "-m", "waymark.cli.main", "--data-dir", data]
     subprocess.run([*exe, "workspace", "create", "shop"], check=True, capture_output=True)
     r = subprocess.run(
-        [*exe, "schema", "set", "-w", "shop", str(bad)], capture_output=True, text=True
+        [*exe, "schema", "set", "-w", "shop", str(bad)], capture_output=True, text=True, check=False
     )
     assert r.returncode == 2
     assert "attributes.x.type" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(
-        [*exe, "profile", "show", "-w", "nope", "email", "a@b.c"], capture_output=True, text=True
+        [*exe, "profile", "show", "-w", "nope", "email", "a@b.c"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert r.returncode == 2 and "no workspace 'nope'" in r.stderr
