@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import machine
 
 
 def free_port() -> int:
@@ -39,8 +39,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def drive(url: str, key: str, *, seconds: float, concurrency: int, batch: int | None,
-                users: int) -> dict[str, Any]:
+async def drive(
+    url: str, key: str, *, seconds: float, concurrency: int, batch: int | None, users: int
+) -> dict[str, Any]:
     auth = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
     latencies: list[float] = []
     counter = 0
@@ -53,21 +54,34 @@ async def drive(url: str, key: str, *, seconds: float, concurrency: int, batch: 
             counter += 1
             n = counter
             if batch:
-                body: dict[str, Any] = {"batch": [
-                    {"type": "track", "event": "product_view",
-                     "messageId": f"b{wid}-{n}-{i}", "userId": f"u{(n * 31 + i) % users}",
-                     "anonymousId": f"d{(n * 31 + i) % users}",
-                     "properties": {"sku": f"S{i}", "price": 19.5, "category": "shoes"}}
-                    for i in range(batch)]}
+                body: dict[str, Any] = {
+                    "batch": [
+                        {
+                            "type": "track",
+                            "event": "product_view",
+                            "messageId": f"b{wid}-{n}-{i}",
+                            "userId": f"u{(n * 31 + i) % users}",
+                            "anonymousId": f"d{(n * 31 + i) % users}",
+                            "properties": {"sku": f"S{i}", "price": 19.5, "category": "shoes"},
+                        }
+                        for i in range(batch)
+                    ]
+                }
                 path = "/v1/batch"
             else:
-                body = {"event": "product_view", "messageId": f"s{wid}-{n}",
-                        "userId": f"u{n % users}", "properties": {"sku": "S1", "price": 9.5}}
+                body = {
+                    "event": "product_view",
+                    "messageId": f"s{wid}-{n}",
+                    "userId": f"u{n % users}",
+                    "properties": {"sku": "S1", "price": 9.5},
+                }
                 path = "/v1/track"
             t0 = time.perf_counter()
-            r = await client.post(path, content=json.dumps(body),
-                                  headers={"Authorization": auth,
-                                           "Content-Type": "application/json"})
+            r = await client.post(
+                path,
+                content=json.dumps(body),
+                headers={"Authorization": auth, "Content-Type": "application/json"},
+            )
             latencies.append(time.perf_counter() - t0)
             if r.status_code != 200:
                 raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
@@ -101,12 +115,18 @@ def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="waymark-bench-"))
     env = {**os.environ, "WAYMARK_DATA_DIR": str(data), "WAYMARK_LOG_LEVEL": "warning"}
     exe = [sys.executable, "-m", "waymark.cli.main"]
-    created = subprocess.run([*exe, "workspace", "create", "bench", "--json"], env=env,
-                             check=True, capture_output=True, text=True)
+    created = subprocess.run(
+        [*exe, "workspace", "create", "bench", "--json"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     key = json.loads(created.stdout)["write_key"]
     port = free_port()
-    server = subprocess.Popen([*exe, "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [*exe, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -119,23 +139,46 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("server did not start")
             time.sleep(0.2)
-        batched = asyncio.run(drive(url, key, seconds=args.seconds,
-                                    concurrency=args.concurrency, batch=args.batch,
-                                    users=args.users))
-        single = asyncio.run(drive(url, key, seconds=args.seconds,
-                                   concurrency=args.single_concurrency, batch=None,
-                                   users=args.users))
+        batched = asyncio.run(
+            drive(
+                url,
+                key,
+                seconds=args.seconds,
+                concurrency=args.concurrency,
+                batch=args.batch,
+                users=args.users,
+            )
+        )
+        single = asyncio.run(
+            drive(
+                url,
+                key,
+                seconds=args.seconds,
+                concurrency=args.single_concurrency,
+                batch=None,
+                users=args.users,
+            )
+        )
     finally:
         server.terminate()
         server.wait(timeout=60)
-    result = {"benchmark": "http_ingest", "batch_size": args.batch,
-              "batched": batched, "single": single, "machine": machine()}
-    print(f"batches of {args.batch}, {args.concurrency} connections: "
-          f"{batched['events_per_s']:,} events/s acknowledged durable "
-          f"(p50 {batched['p50_ms']} ms, p99 {batched['p99_ms']} ms per batch)")
-    print(f"single events, {args.single_concurrency} connections: "
-          f"{single['requests_per_s']:,} requests/s, p50 {single['p50_ms']} ms, "
-          f"p99 {single['p99_ms']} ms")
+    result = {
+        "benchmark": "http_ingest",
+        "batch_size": args.batch,
+        "batched": batched,
+        "single": single,
+        "machine": machine(),
+    }
+    print(
+        f"batches of {args.batch}, {args.concurrency} connections: "
+        f"{batched['events_per_s']:,} events/s acknowledged durable "
+        f"(p50 {batched['p50_ms']} ms, p99 {batched['p99_ms']} ms per batch)"
+    )
+    print(
+        f"single events, {args.single_concurrency} connections: "
+        f"{single['requests_per_s']:,} requests/s, p50 {single['p50_ms']} ms, "
+        f"p99 {single['p99_ms']} ms"
+    )
     print(json.dumps(result))
 
 
