@@ -45,6 +45,11 @@ class Settings(BaseModel):
     dedup_window_days: int = 30
     flush_interval_ms: int = 200
     identity_graph_limit: int = 50
+    source_priority: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="per attribute, the sources whose values win over newer ones, highest "
+        'first, e.g. {"email": ["crm", "api"]}; the key "*" applies to every other attribute',
+    )
 
     @property
     def state_url(self) -> str:

@@ -236,3 +236,64 @@ def test_alias_links_previous_id(hub: Hub, ws: str) -> None:
             profiles.lookup(conn, ws, "user_id", "u7")["id"]
             == profiles.lookup(conn, ws, "anonymous_id", "anon-7")["id"]
         )
+
+
+def test_source_priority_from_settings_beats_recency(tmp_path: Any, clock: ManualClock) -> None:
+    from waymark.settings import load_settings
+
+    settings = load_settings(environ={}, data_dir=tmp_path, source_priority={"plan": ["crm"]})
+    hub = Hub.open(settings, clock)
+    try:
+        with hub.tx() as conn:
+            ws, _w, _a = access.create_workspace(conn, name="s", actor="t", at=clock.now())
+        ing = Ingestor(hub)
+        old = (clock.now() - timedelta(days=3)).isoformat()
+        ing.native_profiles(
+            ws.id,
+            {
+                "profiles": [
+                    {
+                        "identities": {"user_id": "u1"},
+                        "attributes": {"plan": "enterprise"},
+                        "timestamp": old,
+                    }
+                ]
+            },
+        )
+        # the CRM is the authority on plans: its value survives a newer one from the web
+        ing.store_profiles(
+            ws.id,
+            ing_parse(
+                ing,
+                {"profiles": [{"identities": {"user_id": "u1"}, "attributes": {"plan": "free"}}]},
+                "web",
+            ),
+        )
+        with hub.tx() as conn:
+            assert profiles.lookup(conn, ws.id, "user_id", "u1")["attributes"]["plan"] == "free"
+        ing.store_profiles(
+            ws.id,
+            ing_parse(
+                ing,
+                {
+                    "profiles": [
+                        {
+                            "identities": {"user_id": "u1"},
+                            "attributes": {"plan": "pro"},
+                            "timestamp": old,
+                        }
+                    ]
+                },
+                "crm",
+            ),
+        )
+        with hub.tx() as conn:
+            assert profiles.lookup(conn, ws.id, "user_id", "u1")["attributes"]["plan"] == "pro"
+    finally:
+        hub.close()
+
+
+def ing_parse(ing: Ingestor, body: dict[str, Any], source: str) -> Any:
+    from waymark.ingestion.payloads import parse_native_profiles
+
+    return parse_native_profiles(body, received_at=ing.hub.clock.now(), source=source)

@@ -27,7 +27,12 @@ def limits_of(hub: Hub) -> Limits:
 
 def policy_of(hub: Hub) -> MergePolicy:
     """The identity merge policy configured for this hub."""
-    return MergePolicy(max_identities=hub.settings.identity_graph_limit)
+    priority = {k: tuple(v) for k, v in hub.settings.source_priority.items()}
+    return MergePolicy(
+        source_priority={k: v for k, v in priority.items() if k != "*"},
+        default_source_priority=priority.get("*", ()),
+        max_identities=hub.settings.identity_graph_limit,
+    )
 
 
 class Ingestor:

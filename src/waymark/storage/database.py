@@ -87,6 +87,7 @@ def create_state_engine(url: str, *, pool_size: int = 8) -> Engine:
     )
 
 
+_held = threading.local()
 _WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 
 
@@ -98,10 +99,17 @@ def write_tx(engine: Engine) -> Iterator[Connection]:
     busy handler sleeps in steps of up to 100 ms, far too coarse for group commit.
     """
     lock = _WRITE_LOCKS.get(engine)
-    with lock if lock is not None else nullcontext(), engine.connect() as base:
-        conn = base.execution_options(waymark_write=True)
-        with conn.begin():
-            yield conn
+    if lock is not None and getattr(_held, "engine", None) is engine:
+        raise RuntimeError("a write transaction is already open in this thread; nest none")
+    with lock if lock is not None else nullcontext():
+        _held.engine = engine
+        try:
+            with engine.connect() as base:
+                conn = base.execution_options(waymark_write=True)
+                with conn.begin():
+                    yield conn
+        finally:
+            _held.engine = None
 
 
 def _alembic_config(engine: Engine) -> Config:
