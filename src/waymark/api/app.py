@@ -225,7 +225,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
         request: Request,
         kind: Literal["profiles", "events"],
         format: Annotated[Literal["csv", "jsonl", "parquet"], Query()],
-        encoding: str = "utf-8",
+        encoding: Annotated[str, Query(pattern=r"^[A-Za-z0-9_.-]{1,40}$")] = "utf-8",
     ) -> Response:
         p = principal(request, Scope.INGEST)
         uploads = settings.data_dir / "uploads"
