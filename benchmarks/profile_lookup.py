@@ -19,13 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine, peak_rss_mib
 from waymark.access import service as access
 from waymark.demo.generate import generate
 from waymark.hub import Hub
 from waymark.ingestion.files import run_import
 from waymark.profiles import service as profiles
 from waymark.settings import load_settings
+
+from _machine import machine, peak_rss_mib
 
 
 def main() -> None:
