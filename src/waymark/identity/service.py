@@ -109,6 +109,8 @@ class WriteStats:
     created: int = 0
     merged: int = 0
     conflicts: list[IdentityConflict] = field(default_factory=list)
+    #: for each conflict, the ``tag`` of the record that met it (e.g. its index in a batch)
+    conflict_tags: list[int | None] = field(default_factory=list)
 
 
 class ProfileWriter:
@@ -208,6 +210,7 @@ class ProfileWriter:
         *,
         at: datetime,
         source: str,
+        tag: int | None = None,
     ) -> str:
         """Apply one record (identities + attributes at ``at``); return its profile's id.
 
@@ -229,6 +232,7 @@ class ProfileWriter:
         }
         res = resolve(ids, owners, self.policy)
         self.stats.conflicts.extend(res.conflicts)
+        self.stats.conflict_tags.extend([tag] * len(res.conflicts))
         if res.profiles:
             outcome = merge_profiles(res.profiles, self.policy)
             for absorbed in outcome.absorbed_ids:

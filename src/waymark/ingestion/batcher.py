@@ -13,12 +13,15 @@ import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import Connection
 
 from waymark.hub import Hub
 from waymark.identity.graph import MergePolicy
-from waymark.ingestion.payloads import Parsed
+from waymark.ingestion.payloads import ItemError, Parsed
 from waymark.ingestion.pipeline import policy_of
-from waymark.ingestion.service import IngestResult, ingest_events
+from waymark.ingestion.service import IngestResult, ingest_events, split_result
 from waymark.model.events import Event
 from waymark.model.schemas import Schema
 from waymark.profiles.schema_store import current_schema
@@ -40,12 +43,17 @@ class _Job:
 class GroupCommitter:
     """A writer thread that drains waiting batches into one transaction at a time."""
 
-    def __init__(self, hub: Hub, *, max_events: int = 5_000) -> None:
+    def __init__(self, hub: Hub, *, max_events: int = 5_000, start: bool = True) -> None:
         self.hub = hub
         self.max_events = max_events
         self.policy: MergePolicy = policy_of(hub)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="waymark-ingest", daemon=True)
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
+        """Start the writer thread (when constructed with ``start=False``)."""
         self._thread.start()
 
     def submit(self, workspace_id: str, parsed: Parsed[Event]) -> Future[IngestResult]:
@@ -82,39 +90,82 @@ class GroupCommitter:
 
     def _run(self) -> None:
         while (jobs := self._take()) is not None:
-            outcomes: list[IngestResult | BaseException] = []
+            outcomes: dict[int, IngestResult | BaseException] = {}
             try:
                 with self.hub.tx() as conn:
-                    schemas: dict[str, Schema] = {}
                     now = self.hub.clock.now()
-                    for job in jobs:
-                        try:
-                            with conn.begin_nested():
-                                schema = schemas.get(job.workspace_id)
-                                if schema is None:
-                                    schema = current_schema(conn, job.workspace_id).schema
-                                    schemas[job.workspace_id] = schema
-                                outcomes.append(
-                                    ingest_events(
-                                        conn,
-                                        workspace_id=job.workspace_id,
-                                        parsed=job.parsed,
-                                        schema=schema,
-                                        policy=self.policy,
-                                        now=now,
-                                        shared_event_log=self.hub.settings.shared_event_log,
-                                    )
-                                )
-                        except Exception as exc:  # this batch only; the others go on
-                            log.exception("ingest batch failed")
-                            outcomes.append(exc)
+                    by_workspace: dict[str, list[int]] = {}
+                    for n, job in enumerate(jobs):
+                        by_workspace.setdefault(job.workspace_id, []).append(n)
+                    for workspace_id, members in by_workspace.items():
+                        schema = current_schema(conn, workspace_id).schema
+                        outcomes.update(self._store(conn, workspace_id, schema, members, jobs, now))
             except Exception as exc:  # the commit itself failed: nobody is acknowledged
                 log.exception("ingest commit failed")
                 for job in jobs:
                     job.future.set_exception(exc)
                 continue
-            for job, outcome in zip(jobs, outcomes, strict=True):
+            for n, job in enumerate(jobs):
+                outcome = outcomes[n]
                 if isinstance(outcome, BaseException):
                     job.future.set_exception(outcome)
                 else:
                     job.future.set_result(outcome)
+
+    def _ingest(
+        self,
+        conn: Connection,
+        workspace_id: str,
+        schema: Schema,
+        parsed: Parsed[Event],
+        now: datetime,
+    ) -> IngestResult:
+        return ingest_events(
+            conn,
+            workspace_id=workspace_id,
+            parsed=parsed,
+            schema=schema,
+            policy=self.policy,
+            now=now,
+            shared_event_log=self.hub.settings.shared_event_log,
+        )
+
+    def _store(
+        self,
+        conn: Connection,
+        workspace_id: str,
+        schema: Schema,
+        members: list[int],
+        jobs: list[_Job],
+        now: datetime,
+    ) -> dict[int, IngestResult | BaseException]:
+        """Store one workspace's batches as one combined batch; should that fail, store each
+        in its own savepoint so one bad batch cannot take the others down."""
+        if len(members) > 1:
+            items: list[tuple[int, Event]] = []
+            errors: list[ItemError] = []
+            bounds: list[tuple[int, int]] = []
+            offset = 0
+            for n in members:
+                parsed = jobs[n].parsed
+                width = len(parsed.items) + len(parsed.errors)
+                items.extend((offset + i, e) for i, e in parsed.items)
+                errors.extend(ItemError(offset + e.index, e.issues) for e in parsed.errors)
+                bounds.append((offset, offset + width))
+                offset += width
+            try:
+                with conn.begin_nested():
+                    combined = self._ingest(conn, workspace_id, schema, Parsed(items, errors), now)
+                parts = split_result(combined, bounds)
+                return dict(zip(members, parts, strict=True))
+            except Exception:
+                log.exception("combined ingest failed; storing each batch alone")
+        out: dict[int, IngestResult | BaseException] = {}
+        for n in members:
+            try:
+                with conn.begin_nested():
+                    out[n] = self._ingest(conn, workspace_id, schema, jobs[n].parsed, now)
+            except Exception as exc:  # this batch only; the others go on
+                log.exception("ingest batch failed")
+                out[n] = exc
+        return out

@@ -8,6 +8,7 @@ are resolved and the claimed events are written to the inbox. Commit = durable =
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -37,6 +38,10 @@ class IngestResult:
     profiles_merged: int = 0
     conflicts: list[IdentityConflict] = field(default_factory=list)
     profile_ids: list[str] = field(default_factory=list)
+    #: item indices stored, and item indices skipped as already seen
+    accepted_indices: list[int] = field(default_factory=list)
+    duplicate_indices: list[int] = field(default_factory=list)
+    conflict_indices: list[int | None] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The API's answer for this batch."""
@@ -170,6 +175,7 @@ def ingest_events(
             continue
         if event.message_id in first_index:
             result.duplicates += 1
+            result.duplicate_indices.append(index)
             continue
         first_index[event.message_id] = index
         valid.append((index, checked))
@@ -179,27 +185,56 @@ def ingest_events(
     claimed = claim_message_ids(conn, workspace_id, [e.message_id for _, e in valid], now)
     fresh = [(i, e) for i, e in valid if e.message_id in claimed]
     result.duplicates += len(valid) - len(fresh)
+    result.duplicate_indices.extend(i for i, e in valid if e.message_id not in claimed)
+    result.duplicate_indices.sort()
     writer = ProfileWriter(
         conn, workspace_id=workspace_id, policy=policy, now=now, shared_event_log=shared_event_log
     )
     writer.preload(i for _, e in fresh for i in e.identities)
     placed: list[tuple[str, Event]] = []
-    for _, event in fresh:
+    for index, event in fresh:
         ids = list(event.identities)
         if event.type is EventType.ALIAS and event.previous_id:
             ids.append(_alias_identity(writer, event.previous_id))
         traits = event.traits if event.type is EventType.IDENTIFY else {}
-        pid = writer.record(ids, traits, at=event.timestamp, source=event.source)
+        pid = writer.record(ids, traits, at=event.timestamp, source=event.source, tag=index)
         placed.append((pid, event))
     stats = writer.flush()
     rows = [inbox_row(workspace_id, writer.canonical(pid), event) for pid, event in placed]
     insert_inbox(conn, rows)
     result.accepted = len(rows)
+    result.accepted_indices = [i for i, _ in fresh]
     result.profiles_created = stats.created
     result.profiles_merged = stats.merged
     result.conflicts = stats.conflicts
+    result.conflict_indices = stats.conflict_tags
     result.profile_ids = sorted({str(r["profile_id"]) for r in rows})
     return result
+
+
+def split_result(result: IngestResult, bounds: Sequence[tuple[int, int]]) -> list[IngestResult]:
+    """Cut the result of a combined batch back into one result per ``[start, end)`` index
+    range, re-numbered from 0 (group commit runs many requests as one batch)."""
+    out: list[IngestResult] = []
+    for start, end in bounds:
+
+        def inside(i: int | None, a: int = start, b: int = end) -> bool:
+            return i is not None and a <= i < b
+
+        part = IngestResult(
+            accepted=sum(1 for i in result.accepted_indices if inside(i)),
+            duplicates=sum(1 for i in result.duplicate_indices if inside(i)),
+            rejected=[
+                ItemError(e.index - start, e.issues) for e in result.rejected if inside(e.index)
+            ],
+        )
+        part.accepted_indices = [i - start for i in result.accepted_indices if inside(i)]
+        part.duplicate_indices = [i - start for i in result.duplicate_indices if inside(i)]
+        part.conflicts = [
+            c for c, i in zip(result.conflicts, result.conflict_indices, strict=True) if inside(i)
+        ]
+        out.append(part)
+    return out
 
 
 def ingest_profiles(
