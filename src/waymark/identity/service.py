@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, delete, insert, select, update
+import orjson
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waymark.core.ids import new_id
@@ -31,40 +32,21 @@ from waymark.identity.graph import (
     visible_attributes,
 )
 from waymark.model.events import ConsentStatus, ConsentUpdate, Identity
-from waymark.model.json import to_jsonable
+from waymark.storage import hotpath
 from waymark.storage.eventlog import events_table
 from waymark.storage.tables import (
-    UtcDateTime,
     consents,
     event_inbox,
     identities,
     profile_merges,
     profiles,
 )
-from waymark.storage.upsert import upsert
 
 _CHUNK = 400  # bound on bind parameters per IN list
 _FIND_OWNERS = select(identities.c.value, identities.c.profile_id).where(
     identities.c.workspace_id == bindparam("ws"),
     identities.c.namespace == bindparam("ns"),
     identities.c.value.in_(bindparam("values", expanding=True)),
-)
-_TOUCH_PROFILE = (
-    update(profiles)
-    .where(profiles.c.workspace_id == bindparam("b_ws"), profiles.c.id == bindparam("b_id"))
-    .values(
-        first_seen=case(
-            (profiles.c.first_seen > bindparam("b_first", type_=UtcDateTime), bindparam("b_first")),
-            else_=profiles.c.first_seen,
-        ),
-        last_seen=case(
-            (profiles.c.last_seen < bindparam("b_last", type_=UtcDateTime), bindparam("b_last")),
-            else_=profiles.c.last_seen,
-        ),
-    )
-)
-_UPDATE_PROFILE = update(profiles).where(
-    profiles.c.workspace_id == bindparam("b_ws"), profiles.c.id == bindparam("b_id")
 )
 
 
@@ -91,15 +73,12 @@ def _widen(state: ProfileState, first: datetime, last: datetime) -> ProfileState
     )
 
 
-def _row_values(state: ProfileState) -> dict[str, Any]:
-    return {
-        "attributes": to_jsonable(visible_attributes(state)),
-        "attribute_meta": {
-            k: [v.updated_at.isoformat(), v.source] for k, v in sorted(state.attributes.items())
-        },
-        "first_seen": state.first_seen,
-        "last_seen": state.last_seen,
-    }
+def _row_json(state: ProfileState) -> tuple[str, str]:
+    """The profile row's JSON columns as text: visible attributes, and per attribute the
+    ``[updated_at, source]`` the merge policy needs."""
+    attributes = orjson.dumps(visible_attributes(state), option=orjson.OPT_NON_STR_KEYS)
+    meta = {k: [v.updated_at.isoformat(), v.source] for k, v in sorted(state.attributes.items())}
+    return attributes.decode(), orjson.dumps(meta).decode()
 
 
 @dataclass
@@ -293,31 +272,24 @@ class ProfileWriter:
         conn, ws = self.conn, self.workspace_id
         absorbed_stored = {a: self.canonical(a) for a in self.absorbed if a in self.stored}
         # profiles: one executemany for the changed, one for the new
-        changed: list[dict[str, Any]] = []
-        created: list[dict[str, Any]] = []
+        changed: list[tuple[Any, ...]] = []
+        created: list[tuple[Any, ...]] = []
         for pid in sorted(self.dirty):
             state = self.states[pid]
             if self.loaded.get(pid) == state:
                 continue
-            values = _row_values(state)
+            attrs, meta = _row_json(state)
             if pid in self.stored:
-                changed.append({"b_ws": ws, "b_id": pid, **values})
+                changed.append((ws, pid, attrs, meta, state.first_seen, state.last_seen))
             else:
-                created.append({"id": pid, "workspace_id": ws, "created_at": self.now, **values})
-        if changed:
-            conn.execute(_UPDATE_PROFILE.values(updated_at=self.now), changed)
-        if created:
-            conn.execute(insert(profiles).values(updated_at=self.now), created)
-            self.stored.update(r["id"] for r in created)
-        if self.touches:
-            conn.execute(
-                _TOUCH_PROFILE,
-                [
-                    {"b_ws": ws, "b_id": pid, "b_first": first, "b_last": last}
-                    for pid, (first, last) in sorted(self.touches.items())
-                ],
-            )
-            self.touches.clear()
+                created.append((pid, ws, attrs, meta, state.first_seen, state.last_seen, self.now))
+        hotpath.update_profiles(conn, changed, self.now)
+        hotpath.insert_profiles(conn, created)
+        self.stored.update(r[0] for r in created)
+        hotpath.touch_profiles(
+            conn, ws, [(p, f, la) for p, (f, la) in sorted(self.touches.items())]
+        )
+        self.touches.clear()
         # identity links: delete the removed, upsert the new or moved
         gone = sorted(i for i in self.unlinked if self.owners.get(i) is None)
         for identity in gone:
@@ -331,30 +303,15 @@ class ProfileWriter:
                 ),
                 [{"b_ws": ws, "b_ns": i.namespace, "b_value": i.value} for i in gone],
             )
-        links: list[dict[str, Any]] = [
-            {
-                "workspace_id": ws,
-                "namespace": li.identity.namespace,
-                "value": li.identity.value,
-                "profile_id": pid,
-                "first_seen": li.first_seen,
-            }
+        links = [
+            (ws, li.identity.namespace, li.identity.value, pid, li.first_seen)
             for pid in sorted(self.dirty)
             for li in self.states[pid].identities
             if self.loaded_links.get(li.identity) != (pid, li.first_seen)
         ]
-        upsert(
-            conn,
-            identities,
-            links,
-            keys=["workspace_id", "namespace", "value"],
-            update=["profile_id", "first_seen"],
-        )
-        for link in links:
-            self.loaded_links[Identity(link["namespace"], link["value"])] = (
-                link["profile_id"],
-                link["first_seen"],
-            )
+        hotpath.upsert_links(conn, links)
+        for _ws, namespace, value, pid, first_seen in links:
+            self.loaded_links[Identity(namespace, value)] = (pid, first_seen)
         for pid in self.dirty:
             self.loaded[pid] = self.states[pid]
         # merges of stored profiles: consents, waiting events, the log, then the rows

@@ -96,3 +96,82 @@ def insert_inbox(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         sql,
         [tuple(_time(conn, r[c]) if c in times else r[c] for c in INBOX_COLUMNS) for r in rows],
     )
+
+
+def _marks(conn: Connection) -> str:
+    return "%s" if conn.dialect.name == "postgresql" else "?"
+
+
+def _json_mark(conn: Connection) -> str:
+    return "%s::jsonb" if conn.dialect.name == "postgresql" else "?"
+
+
+def insert_profiles(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """New profiles: ``(id, workspace_id, attributes_json, meta_json, first_seen, last_seen,
+    created_at)`` tuples; ``updated_at`` is ``created_at``."""
+    if not rows:
+        return
+    m, j = _marks(conn), _json_mark(conn)
+    conn.exec_driver_sql(
+        "INSERT INTO profiles (id, workspace_id, attributes, attribute_meta, first_seen, "
+        f"last_seen, created_at, updated_at) VALUES ({m}, {m}, {j}, {j}, {m}, {m}, {m}, {m})",
+        [
+            (
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                _time(conn, r[4]),
+                _time(conn, r[5]),
+                _time(conn, r[6]),
+                _time(conn, r[6]),
+            )
+            for r in rows
+        ],
+    )
+
+
+def update_profiles(conn: Connection, rows: Sequence[tuple[Any, ...]], now: datetime) -> None:
+    """Changed profiles: ``(workspace_id, id, attributes_json, meta_json, first_seen,
+    last_seen)`` tuples."""
+    if not rows:
+        return
+    m, j = _marks(conn), _json_mark(conn)
+    when = _time(conn, now)
+    conn.exec_driver_sql(
+        f"UPDATE profiles SET attributes = {j}, attribute_meta = {j}, first_seen = {m}, "
+        f"last_seen = {m}, updated_at = {m} WHERE workspace_id = {m} AND id = {m}",
+        [(r[2], r[3], _time(conn, r[4]), _time(conn, r[5]), when, r[0], r[1]) for r in rows],
+    )
+
+
+def touch_profiles(
+    conn: Connection, workspace_id: str, touches: Sequence[tuple[str, datetime, datetime]]
+) -> None:
+    """Widen ``first_seen``/``last_seen`` of profiles to ``(id, earliest, latest)``."""
+    if not touches:
+        return
+    m = _marks(conn)
+    conn.exec_driver_sql(
+        f"UPDATE profiles SET first_seen = CASE WHEN first_seen > {m} THEN {m} "
+        f"ELSE first_seen END, last_seen = CASE WHEN last_seen < {m} THEN {m} "
+        f"ELSE last_seen END WHERE workspace_id = {m} AND id = {m}",
+        [
+            (first, first, last, last, workspace_id, pid)
+            for pid, first, last in ((p, _time(conn, f), _time(conn, la)) for p, f, la in touches)
+        ],
+    )
+
+
+def upsert_links(conn: Connection, rows: Sequence[tuple[str, str, str, str, datetime]]) -> None:
+    """Identity links ``(workspace_id, namespace, value, profile_id, first_seen)``, inserted or
+    re-pointed."""
+    if not rows:
+        return
+    m = _marks(conn)
+    conn.exec_driver_sql(
+        "INSERT INTO identities (workspace_id, namespace, value, profile_id, first_seen) "
+        f"VALUES ({m}, {m}, {m}, {m}, {m}) ON CONFLICT (workspace_id, namespace, value) "
+        "DO UPDATE SET profile_id = excluded.profile_id, first_seen = excluded.first_seen",
+        [(w, n, v, p, _time(conn, f)) for w, n, v, p, f in rows],
+    )
