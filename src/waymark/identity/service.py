@@ -43,11 +43,6 @@ from waymark.storage.tables import (
 )
 
 _CHUNK = 400  # bound on bind parameters per IN list
-_FIND_OWNERS = select(identities.c.value, identities.c.profile_id).where(
-    identities.c.workspace_id == bindparam("ws"),
-    identities.c.namespace == bindparam("ns"),
-    identities.c.value.in_(bindparam("values", expanding=True)),
-)
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -137,11 +132,8 @@ class ProfileWriter:
             by_namespace.setdefault(identity.namespace, []).append(identity.value)
         # one IN list per namespace: SQLite uses the primary key for it (not for row values)
         for namespace, values in by_namespace.items():
-            for chunk in _chunks(values):
-                rows = self.conn.execute(
-                    _FIND_OWNERS, {"ws": self.workspace_id, "ns": namespace, "values": chunk}
-                )
-                found.update({Identity(namespace, value): pid for value, pid in rows})
+            for value, pid in hotpath.find_owners(self.conn, self.workspace_id, namespace, values):
+                found[Identity(namespace, value)] = pid
         for identity in missing:
             self.owners[identity] = found.get(identity)
 

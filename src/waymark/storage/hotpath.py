@@ -175,3 +175,28 @@ def upsert_links(conn: Connection, rows: Sequence[tuple[str, str, str, str, date
         "DO UPDATE SET profile_id = excluded.profile_id, first_seen = excluded.first_seen",
         [(w, n, v, p, _time(conn, f)) for w, n, v, p, f in rows],
     )
+
+
+def find_owners(
+    conn: Connection, workspace_id: str, namespace: str, values: Sequence[str]
+) -> list[tuple[str, str]]:
+    """``(value, profile_id)`` of the identities of one namespace that exist (primary-key
+    look-ups; SQLite uses no index for row-value IN lists, hence one namespace at a time)."""
+    found: list[tuple[str, str]] = []
+    pg = conn.dialect.name == "postgresql"
+    for i in range(0, len(values), _CHUNK):
+        chunk = list(values[i : i + _CHUNK])
+        if pg:
+            rows = conn.exec_driver_sql(
+                "SELECT value, profile_id FROM identities WHERE workspace_id = %s "
+                "AND namespace = %s AND value = ANY(%s)",
+                (workspace_id, namespace, chunk),
+            )
+        else:
+            rows = conn.exec_driver_sql(
+                "SELECT value, profile_id FROM identities WHERE workspace_id = ? "
+                f"AND namespace = ? AND value IN ({','.join('?' * len(chunk))})",
+                (workspace_id, namespace, *chunk),
+            )
+        found.extend((r[0], r[1]) for r in rows)
+    return found
