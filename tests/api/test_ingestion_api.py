@@ -185,3 +185,81 @@ def test_native_events_and_profiles(api: Api) -> None:
     view = api.client.get("/v1/profiles/user_id/u5", headers=api.bearer()).json()
     assert view["attributes"]["tier"] == "gold"
     assert view["consents"][0]["status"] == "opted_out"
+
+
+def test_unknown_fields_and_events_under_each_policy(api: Api) -> None:
+    declared = {
+        "attributes": {"plan": {"type": "string"}},
+        "events": {"purchase": {"properties": {"revenue": {"type": "number"}}}},
+    }
+    strict = {
+        **declared,
+        "unknown_attributes": "reject",
+        "unknown_events": "reject",
+        "unknown_properties": "reject",
+    }
+    assert api.client.put("/v1/schema", json=strict, headers=api.bearer()).status_code == 200
+    r = api.client.post(
+        "/v1/batch",
+        headers=api.basic(),
+        json={
+            "batch": [
+                {"type": "identify", "userId": "u1", "messageId": "a", "traits": {"shoe_size": 42}},
+                {"type": "track", "userId": "u1", "messageId": "b", "event": "refund"},
+                {
+                    "type": "track",
+                    "userId": "u1",
+                    "messageId": "c",
+                    "event": "purchase",
+                    "properties": {"revenue": 5, "coupon": "X"},
+                },
+                {
+                    "type": "track",
+                    "userId": "u1",
+                    "messageId": "d",
+                    "event": "purchase",
+                    "properties": {"revenue": 5},
+                },
+            ]
+        },
+    )
+    body = r.json()
+    assert body["accepted"] == 1
+    errors = {e["index"]: e["errors"][0] for e in body["rejected"]}
+    assert errors[0]["path"] == "traits.shoe_size"
+    assert "refund" in errors[1]["reason"]
+    assert errors[2]["path"] == "properties.coupon"
+
+    lenient = {
+        **declared,
+        "unknown_attributes": "accept",
+        "unknown_events": "accept",
+        "unknown_properties": "accept",
+    }
+    assert api.client.put("/v1/schema", json=lenient, headers=api.bearer()).status_code == 200
+    r = api.client.post(
+        "/v1/batch",
+        headers=api.basic(),
+        json={
+            "batch": [
+                {"type": "identify", "userId": "u1", "messageId": "a", "traits": {"shoe_size": 42}},
+                {"type": "track", "userId": "u1", "messageId": "b", "event": "refund"},
+                {
+                    "type": "track",
+                    "userId": "u1",
+                    "messageId": "c",
+                    "event": "purchase",
+                    "properties": {"revenue": 5, "coupon": "X"},
+                },
+            ]
+        },
+    )
+    assert r.json()["accepted"] == 3
+    flush_once(api.hub)
+    events = api.client.get("/v1/profiles/user_id/u1/events", headers=api.bearer()).json()
+    flags = {e["message_id"]: e["flags"] for e in events["events"]}
+    assert "unknown_attribute:shoe_size" in flags["a"]
+    assert "unknown_event:refund" in flags["b"]
+    assert "unknown_property:coupon" in flags["c"]
+    view = api.client.get("/v1/profiles/user_id/u1", headers=api.bearer()).json()
+    assert view["attributes"]["shoe_size"] == 42
