@@ -40,6 +40,7 @@ class Settings(BaseModel):
     log_format: Literal["console", "json"] = "console"
     max_event_bytes: int = 32 * 1024
     max_batch_bytes: int = 500 * 1024
+    max_upload_bytes: int = 4 * 1024**3
     max_future_seconds: int = 86_400
     max_past_days: int = 3650
     dedup_window_days: int = 30

@@ -168,19 +168,19 @@ def test_native_events_and_profiles(api: Api) -> None:
     )
     assert r.status_code == 200 and r.json()["accepted"] == 1
     assert r.json()["rejected"][0]["errors"][0]["path"] == "events[1].identities"
-    r = api.client.post(
-        "/v1/profiles",
-        headers=api.basic(),
-        json={
-            "profiles": [
-                {
-                    "identities": {"loyalty_id": "L-1"},
-                    "attributes": {"tier": "gold"},
-                    "consents": [{"channel": "sms", "purpose": "marketing", "status": "opted_out"}],
-                }
-            ]
-        },
-    )
+    body = {
+        "profiles": [
+            {
+                "identities": {"loyalty_id": "L-1"},
+                "attributes": {"tier": "gold"},
+                "consents": [{"channel": "sms", "purpose": "marketing", "status": "opted_out"}],
+            }
+        ]
+    }
+    # the public write key may send attributes but never consent
+    r = api.client.post("/v1/profiles", headers=api.basic(), json=body)
+    assert r.status_code == 403 and "write" in r.json()["error"]["message"]
+    r = api.client.post("/v1/profiles", headers=api.bearer(), json=body)
     assert r.status_code == 200, r.text
     view = api.client.get("/v1/profiles/user_id/u5", headers=api.bearer()).json()
     assert view["attributes"]["tier"] == "gold"

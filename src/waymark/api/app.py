@@ -20,13 +20,18 @@ import orjson
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from sqlalchemy.exc import DataError
 from starlette.concurrency import run_in_threadpool
 
 from waymark import __version__
 from waymark.access import service as access
 from waymark.access.service import Principal, Scope
 from waymark.api.auth import KeyCache, presented_key
-from waymark.api.errors import validation_error_handler, waymark_error_handler
+from waymark.api.errors import (
+    data_error_handler,
+    validation_error_handler,
+    waymark_error_handler,
+)
 from waymark.api.responses import JSONAnswer
 from waymark.core.errors import InvalidInput, Issue, LimitExceeded, WaymarkError
 from waymark.hub import Hub
@@ -34,6 +39,7 @@ from waymark.ingestion.batcher import GroupCommitter
 from waymark.ingestion.payloads import parse_native_events, parse_segment_call
 from waymark.ingestion.pipeline import Ingestor, limits_of
 from waymark.ingestion.service import IngestResult
+from waymark.model.events import Identity
 from waymark.profiles import service as profiles
 from waymark.profiles.schema_store import current_schema, save_schema, schema_history
 
@@ -96,6 +102,19 @@ def ingest_answer(result: IngestResult) -> JSONAnswer:
     return JSONAnswer(body)
 
 
+def subject(body: JSONObject) -> Identity:
+    """The person a privacy request is about: ``{"namespace": ..., "value": ...}``."""
+    namespace, value = body.get("namespace"), body.get("value")
+    issues = [
+        Issue(key, "required: a string")
+        for key, v in (("namespace", namespace), ("value", value))
+        if not isinstance(v, str) or not v
+    ]
+    if issues:
+        raise InvalidInput(issues)
+    return profiles.parse_identity(str(namespace), str(value))
+
+
 def json_body(description: str) -> dict[str, Any]:
     """OpenAPI text for a JSON object body that the handler reads itself (within limits)."""
     return {
@@ -148,6 +167,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
     )
     app.add_exception_handler(WaymarkError, waymark_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(DataError, data_error_handler)
 
     def principal(request: Request, scope: Scope, body_key: str | None = None) -> Principal:
         key = presented_key(request) or body_key
@@ -217,6 +237,10 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
     ) -> Response:
         p = principal(request, Scope.INGEST)
         data = parse_json(await read_body(request, settings.max_batch_bytes))
+        items = data.get("profiles") if isinstance(data, dict) else None
+        if isinstance(items, list) and any(isinstance(i, dict) and "consents" in i for i in items):
+            # the public write key ships in web pages: it must not opt people in
+            p.require(Scope.WRITE)
         result = await run_in_threadpool(ingestor.native_profiles, p.workspace_id, data)
         return ingest_answer(result)
 
@@ -227,13 +251,23 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
         format: Annotated[Literal["csv", "jsonl", "parquet"], Query()],
         encoding: Annotated[str, Query(pattern=r"^[A-Za-z0-9_.-]{1,40}$")] = "utf-8",
     ) -> Response:
-        p = principal(request, Scope.INGEST)
+        p = principal(request, Scope.WRITE)  # bulk loads are for servers, not the write key
         uploads = settings.data_dir / "uploads"
         uploads.mkdir(parents=True, exist_ok=True)
+        size = 0
         with tempfile.NamedTemporaryFile(dir=uploads, suffix=f".{format}", delete=False) as tmp:
-            async for chunk in request.stream():
-                tmp.write(chunk)
             path = Path(tmp.name)
+            try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > settings.max_upload_bytes:
+                        raise LimitExceeded(
+                            f"the upload is over the limit of {settings.max_upload_bytes} bytes"
+                        )
+                    tmp.write(chunk)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
         from waymark.ingestion.files import run_import
 
         try:
@@ -263,7 +297,10 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
 
     @app.get("/v1/profiles/{namespace}/{value}/events", tags=["profiles"])
     def get_timeline(
-        request: Request, namespace: str, value: str, limit: Annotated[int, Query(le=1000)] = 100
+        request: Request,
+        namespace: str,
+        value: str,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> JSONObject:
         p = principal(request, Scope.READ)
         with hub.engine.connect() as conn:
@@ -328,7 +365,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
         body: Annotated[JSONObject, Body(description='{"namespace": "email", "value": "..."}')],
     ) -> JSONObject:
         p = principal(request, Scope.ADMIN)
-        identity = profiles.parse_identity(str(body.get("namespace")), str(body.get("value")))
+        identity = subject(body)
         with hub.tx() as conn:
             return profiles.export_person(
                 conn,
@@ -345,7 +382,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
         body: Annotated[JSONObject, Body(description='{"namespace": "email", "value": "..."}')],
     ) -> JSONObject:
         p = principal(request, Scope.ADMIN)
-        identity = profiles.parse_identity(str(body.get("namespace")), str(body.get("value")))
+        identity = subject(body)
         from waymark.privacy import delete_person
 
         return delete_person(hub, workspace_id=p.workspace_id, identity=identity, actor=p.actor)

@@ -59,3 +59,18 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONAns
         {"error": {"code": "invalid_input", "message": "invalid request", "errors": errors}},
         status_code=400,
     )
+
+
+async def data_error_handler(_request: Request, exc: Exception) -> JSONAnswer:
+    """A value the database cannot take or compare (e.g. a NUL character): the input's fault."""
+    reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+    return JSONAnswer(
+        {
+            "error": {
+                "code": "invalid_input",
+                "message": f"a value in the request cannot be stored or compared: {reason}",
+                "errors": [],
+            }
+        },
+        status_code=400,
+    )

@@ -12,6 +12,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import httpx
 import uvicorn
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import func, select
 
@@ -64,6 +65,13 @@ class _Server:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
+
+
+def _progress(bar: Progress, task: TaskID) -> Callable[[int, int | None], None]:
+    def update(done: int, total: int | None) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return update
 
 
 def _basic(key: str) -> dict[str, str]:
@@ -207,14 +215,13 @@ def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = No
                 TimeElapsedColumn(),
                 console=out,
             ) as bar:
-                task = bar.add_task(f"importing {kind}", total=None)
                 report = run_import(
                     hub,
                     workspace_id=ws.id,
                     kind=kind,
                     path=path,
                     actor="demo",
-                    progress=lambda d, t, task=task: bar.update(task, completed=d, total=t),
+                    progress=_progress(bar, bar.add_task(f"importing {kind}", total=None)),
                 )
             data = report.to_json()
             out.print(

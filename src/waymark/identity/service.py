@@ -116,7 +116,13 @@ class ProfileWriter:
         # profiles seen again with nothing new but a time: (earliest, latest), written by one
         # UPDATE without loading the profile
         self.touches: dict[str, tuple[datetime, datetime]] = {}
+        # when each known identity was first seen; an older record cannot be a mere touch
+        self.link_first: dict[Identity, datetime] = {}
         self.stats = WriteStats()
+        if conn.dialect.name == "postgresql":
+            # identity writes of one workspace are serialized, as SQLite serializes all
+            # writers: two transactions must not both create, or merge, the same person
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (workspace_id,))
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -132,8 +138,11 @@ class ProfileWriter:
             by_namespace.setdefault(identity.namespace, []).append(identity.value)
         # one IN list per namespace: SQLite uses the primary key for it (not for row values)
         for namespace, values in by_namespace.items():
-            for value, pid in hotpath.find_owners(self.conn, self.workspace_id, namespace, values):
+            for value, pid, first in hotpath.find_owners(
+                self.conn, self.workspace_id, namespace, values
+            ):
                 found[Identity(namespace, value)] = pid
+                self.link_first[Identity(namespace, value)] = first
         for identity in missing:
             self.owners[identity] = found.get(identity)
 
@@ -151,6 +160,7 @@ class ProfileWriter:
                 identity = Identity(r["namespace"], r["value"])
                 links[r["profile_id"]].append(LinkedIdentity(identity, r["first_seen"]))
                 self.loaded_links[identity] = (r["profile_id"], r["first_seen"])
+                self.link_first[identity] = r["first_seen"]
                 self.owners.setdefault(identity, r["profile_id"])
             for row in self.conn.execute(
                 select(profiles).where(
@@ -194,8 +204,11 @@ class ProfileWriter:
             self.preload(ids)
         owner_ids = {self.owners.get(i) for i in ids}
         if not attributes and len(owner_ids) == 1:
-            only = owner_ids.pop()
-            if only is not None:  # every identity already on one profile: just a touch
+            only = next(iter(owner_ids))
+            link_first = self.link_first
+            if only is not None and all(i in link_first and link_first[i] <= at for i in ids):
+                # every identity already on one profile, none seen for the first time now:
+                # only the profile's seen-interval can change
                 return self._touch(self.canonical(only), at)
         self.load_profiles({o for o in owner_ids if o is not None})
         owners = {
@@ -225,6 +238,8 @@ class ProfileWriter:
         for identity in kept:
             self.owners[identity] = state.profile_id
             self.unlinked.discard(identity)
+        for li in state.identities:
+            self.link_first[li.identity] = li.first_seen
         self.states[state.profile_id] = state
         self.dirty.add(state.profile_id)
         return state.profile_id

@@ -89,17 +89,14 @@ class GroupCommitter:
         return jobs
 
     def _run(self) -> None:
-        while (jobs := self._take()) is not None:
-            outcomes: dict[int, IngestResult | BaseException] = {}
+        while (taken := self._take()) is not None:
+            # a request cancelled while queued (client gone, shutdown) is dropped; the others
+            # can no longer be cancelled, so answering them below cannot fail
+            jobs = [job for job in taken if job.future.set_running_or_notify_cancel()]
+            if not jobs:
+                continue
             try:
-                with self.hub.tx() as conn:
-                    now = self.hub.clock.now()
-                    by_workspace: dict[str, list[int]] = {}
-                    for n, job in enumerate(jobs):
-                        by_workspace.setdefault(job.workspace_id, []).append(n)
-                    for workspace_id, members in by_workspace.items():
-                        schema = current_schema(conn, workspace_id).schema
-                        outcomes.update(self._store(conn, workspace_id, schema, members, jobs, now))
+                outcomes = self._commit(jobs)
             except Exception as exc:  # the commit itself failed: nobody is acknowledged
                 log.exception("ingest commit failed")
                 for job in jobs:
@@ -111,6 +108,20 @@ class GroupCommitter:
                     job.future.set_exception(outcome)
                 else:
                     job.future.set_result(outcome)
+
+    def _commit(self, jobs: list[_Job]) -> dict[int, IngestResult | BaseException]:
+        outcomes: dict[int, IngestResult | BaseException] = {}
+        with self.hub.tx() as conn:
+            now = self.hub.clock.now()
+            by_workspace: dict[str, list[int]] = {}
+            for n, job in enumerate(jobs):
+                by_workspace.setdefault(job.workspace_id, []).append(n)
+            # sorted, so that concurrent writers take per-workspace locks in one order
+            for workspace_id in sorted(by_workspace):
+                members = by_workspace[workspace_id]
+                schema = current_schema(conn, workspace_id).schema
+                outcomes.update(self._store(conn, workspace_id, schema, members, jobs, now))
+        return outcomes
 
     def _ingest(
         self,

@@ -106,4 +106,7 @@ class Ingestor:
 
     def flush(self) -> FlushStats:
         """Move acknowledged events from the inbox to the event log."""
-        return flush(self.hub.engine, self.hub.events, shared=self.hub.settings.shared_event_log)
+        with self.hub.mover_lock:
+            return flush(
+                self.hub.engine, self.hub.events, shared=self.hub.settings.shared_event_log
+            )

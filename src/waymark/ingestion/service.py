@@ -21,6 +21,7 @@ from waymark.identity.graph import IdentityConflict, MergePolicy
 from waymark.identity.service import ProfileWriter
 from waymark.ingestion.payloads import ItemError, Parsed
 from waymark.model.events import Event, EventType, Identity, ProfileRecord, normalize_identity
+from waymark.model.json import unstorable
 from waymark.model.schemas import Schema, validate_attributes, validate_event
 from waymark.storage.hotpath import claim_message_ids, insert_inbox
 
@@ -64,42 +65,29 @@ class IngestResult:
         }
 
 
-def _nul_path(value: Any, path: str) -> str | None:
-    """The path of the first string (key or value) holding a NUL character, if any."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            sub = f"{path}.{k}" if path else str(k)
-            if "\x00" in str(k):
-                return sub
-            found = _nul_path(v, sub)
-            if found:
-                return found
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _nul_path(v, f"{path}[{i}]")
-            if found:
-                return found
-    return None
-
-
 def validate_event_item(schema: Schema, event: Event) -> Event | tuple[Issue, ...]:
     """Check one event against the workspace schema; return it coerced and flagged, or issues.
 
     NUL characters are refused everywhere (PostgreSQL cannot store them in text or JSON), so
     both backends accept exactly the same events.
     """
-    encoded = orjson.dumps([event.properties, event.traits, event.context], default=str)
-    if b"\\u0000" in encoded:
-        for part, value in (
-            ("properties", event.properties),
-            ("traits", event.traits),
-            ("context", event.context),
-        ):
-            where = _nul_path(value, part)
-            if where:
-                return (Issue(where, "contains a NUL character (\\u0000), which cannot be stored"),)
+    for part, value in (
+        ("event", event.name),
+        ("messageId", event.message_id),
+        ("previousId", event.previous_id),
+        ("groupId", event.group_id),
+        ("properties", event.properties),
+        ("traits", event.traits),
+        ("context", event.context),
+    ):
+        bad = unstorable(value, part)
+        if bad:
+            return (Issue(*bad),)
+    if event.previous_id is not None:
+        try:
+            normalize_identity("anonymous_id", event.previous_id)
+        except ValueError as exc:
+            return (Issue("previousId", str(exc)),)
     flags = list(event.flags)
     properties = event.properties
     traits = event.traits
@@ -259,10 +247,9 @@ def ingest_profiles(
     good: list[tuple[ProfileRecord, dict[str, Any]]] = []
     for index, record in parsed.items:
         res = validate_attributes(schema, record.attributes, path="attributes", lenient=lenient)
-        nul = _nul_path(record.attributes, "attributes")
-        if nul:
-            message = "contains a NUL character (\\u0000), which cannot be stored"
-            result.rejected.append(ItemError(index, (Issue(nul, message),)))
+        bad = unstorable(record.attributes, "attributes")
+        if bad:
+            result.rejected.append(ItemError(index, (Issue(*bad),)))
             continue
         if not res.ok:
             result.rejected.append(ItemError(index, res.issues))

@@ -21,7 +21,7 @@ from waymark.core.ids import new_id
 from waymark.identity.graph import MergePolicy
 from waymark.identity.service import ProfileWriter
 from waymark.model.events import ConsentStatus, ConsentUpdate, Identity, normalize_identity
-from waymark.model.json import to_jsonable
+from waymark.model.json import to_jsonable, unstorable
 from waymark.model.schemas import Schema, validate_attributes
 from waymark.storage.eventlog import EventLog
 from waymark.storage.tables import (
@@ -160,7 +160,7 @@ _FILTER_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]{0,127})\s*(!=|>=|<=|=|>|<|~
 def parse_filter(text: str) -> tuple[str, str, str]:
     """Parse ``name<op>value`` (ops ``= != > >= < <= ~``; ``~`` is 'contains')."""
     m = _FILTER_RE.match(text)
-    if not m:
+    if not m or "\x00" in text:
         raise InvalidInput(
             [Issue("q", f"cannot read filter {text!r}; write name=value, name>10, name~part")]
         )
@@ -231,6 +231,9 @@ def update_profile(
     Raises :class:`NotFound` unless the profile exists or ``create`` is set, and
     :class:`InvalidInput` naming each bad attribute.
     """
+    bad = unstorable(attributes, "attributes")
+    if bad:
+        raise InvalidInput([Issue(*bad)])
     res = validate_attributes(schema, attributes, path="attributes")
     if not res.ok:
         raise InvalidInput(res.issues)
@@ -443,6 +446,8 @@ def finish_deletions(conn: Connection, log: EventLog, *, now: datetime) -> int:
             .values(status="done", completed_at=now, summary=summary)
         )
         done += 1
+    if done:
+        log.purge()
     return done
 
 

@@ -57,6 +57,7 @@ def create_state_engine(url: str, *, pool_size: int = 8) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")  # an acknowledged event survives power loss
             cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA secure_delete=ON")  # deleted people leave no bytes behind
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
             # let SQLAlchemy's BEGIN decide; pysqlite's own transaction handling is disabled

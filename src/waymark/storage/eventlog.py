@@ -14,6 +14,7 @@ with the same timestamp have one defined order in every evaluator.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -170,6 +171,10 @@ class EventLog(Protocol):
         """Delete every event of these profiles; returns how many were deleted."""
         ...
 
+    def purge(self) -> None:
+        """Make deleted rows physically unrecoverable where the store allows it."""
+        ...
+
     def close(self) -> None:
         """Release the store."""
         ...
@@ -215,13 +220,8 @@ class DuckDBEventLog:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._conn = duckdb.connect(str(path))
-        except duckdb.IOException as exc:
-            raise StoreBusy(
-                f"the event log {path} is in use by another process (is `waymark serve` "
-                "running on this data folder?); stop it or send the data through its API"
-            ) from exc
+        self._path = path
+        self._conn = self._connect()
         self._lock = threading.RLock()
         self._conn.execute(
             """
@@ -247,6 +247,34 @@ class DuckDBEventLog:
             CREATE TABLE IF NOT EXISTS log_meta (key VARCHAR PRIMARY KEY, value BIGINT NOT NULL);
             """
         )
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        try:
+            conn = duckdb.connect(str(self._path))
+        except duckdb.IOException as exc:
+            raise StoreBusy(
+                f"the event log {self._path} is in use by another process (is `waymark serve` "
+                "running on this data folder?); stop it or send the data through its API"
+            ) from exc
+        # timestamps come back in UTC on every machine (GLOBAL: cursors are new sessions)
+        conn.execute("SET GLOBAL TimeZone = 'UTC'")
+        return conn
+
+    def purge(self) -> None:
+        """Rewrite the file so that deleted rows leave no bytes behind (DuckDB keeps freed
+        blocks as they were). Costs a copy of the log; privacy deletions call it."""
+        with self._lock:
+            fresh = self._path.with_name(self._path.name + ".purge")
+            fresh.unlink(missing_ok=True)
+            name = self._conn.execute("SELECT current_database()").fetchall()[0][0]
+            self._conn.execute(f"ATTACH '{fresh}' AS purged")
+            try:
+                self._conn.execute(f'COPY FROM DATABASE "{name}" TO purged')
+            finally:
+                self._conn.execute("DETACH purged")
+            self._conn.close()
+            os.replace(fresh, self._path)
+            self._conn = self._connect()
 
     @contextmanager
     def _tx(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -510,6 +538,9 @@ class PostgresEventLog:
         with self._engine.connect() as conn:
             bind = {f"p{i}": v for i, v in enumerate(params)}
             return [tuple(r) for r in conn.execute(text(query), bind)]
+
+    def purge(self) -> None:
+        """PostgreSQL reclaims deleted rows through (auto)vacuum; nothing to do here."""
 
     def close(self) -> None:
         self._engine.dispose()

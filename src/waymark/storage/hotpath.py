@@ -8,7 +8,7 @@ the inbox) bypass it. Everything else goes through SQLAlchemy Core.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection
@@ -16,6 +16,11 @@ from sqlalchemy import Connection
 from waymark.storage.tables import sqlite_time
 
 _CHUNK = 500
+
+
+def _read_time(value: Any) -> datetime:
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _time(conn: Connection, value: datetime) -> Any:
@@ -179,24 +184,25 @@ def upsert_links(conn: Connection, rows: Sequence[tuple[str, str, str, str, date
 
 def find_owners(
     conn: Connection, workspace_id: str, namespace: str, values: Sequence[str]
-) -> list[tuple[str, str]]:
-    """``(value, profile_id)`` of the identities of one namespace that exist (primary-key
-    look-ups; SQLite uses no index for row-value IN lists, hence one namespace at a time)."""
-    found: list[tuple[str, str]] = []
+) -> list[tuple[str, str, datetime]]:
+    """``(value, profile_id, first_seen)`` of the identities of one namespace that exist
+    (primary-key look-ups; SQLite uses no index for row-value IN lists, hence one namespace at
+    a time)."""
+    found: list[tuple[str, str, datetime]] = []
     pg = conn.dialect.name == "postgresql"
     for i in range(0, len(values), _CHUNK):
         chunk = list(values[i : i + _CHUNK])
         if pg:
             rows = conn.exec_driver_sql(
-                "SELECT value, profile_id FROM identities WHERE workspace_id = %s "
+                "SELECT value, profile_id, first_seen FROM identities WHERE workspace_id = %s "
                 "AND namespace = %s AND value = ANY(%s)",
                 (workspace_id, namespace, chunk),
             )
         else:
             rows = conn.exec_driver_sql(
-                "SELECT value, profile_id FROM identities WHERE workspace_id = ? "
+                "SELECT value, profile_id, first_seen FROM identities WHERE workspace_id = ? "
                 f"AND namespace = ? AND value IN ({','.join('?' * len(chunk))})",
                 (workspace_id, namespace, *chunk),
             )
-        found.extend((r[0], r[1]) for r in rows)
+        found.extend((r[0], r[1], _read_time(r[2])) for r in rows)
     return found
