@@ -135,10 +135,8 @@ def lenient_client(http: Api) -> Iterator[TestClient]:
 # -- 1. concurrent transactions on PostgreSQL ----------------------------------------------------
 
 
-def test_pg_concurrent_attribute_updates_lose_one(hub: Hub, ws: str) -> None:
-    """identity/service.py:270-278 writes the whole attributes JSON computed from a snapshot
-    read without a row lock: two concurrent PATCHes (or profile batches) on one profile commit
-    and both answer 200, but the second overwrites the first's attribute."""
+def test_pg_concurrent_attribute_updates_both_survive(hub: Hub, ws: str) -> None:
+    """Two concurrent updates of one profile both keep their attribute (per-workspace lock)."""
     _postgres_only(hub)
     with hub.tx() as conn:
         _patch(hub, ws, conn, {"name": "Ann"})
@@ -152,12 +150,8 @@ def test_pg_concurrent_attribute_updates_lose_one(hub: Hub, ws: str) -> None:
     assert attrs == {"name": "Ann", "email": "ann@x.io", "plan": "pro"}
 
 
-def test_pg_concurrent_first_sight_of_an_identity_orphans_a_profile(hub: Hub, ws: str) -> None:
-    """identity/service.py:304 / hotpath.upsert_links: two transactions that both see
-    ``user_id:u1`` for the first time each create a profile; the link upsert's ON CONFLICT DO
-    UPDATE silently re-points the link, so the first profile (with its acknowledged event)
-    is left without any identity: unreachable, missing from u1's timeline, and never found
-    by a privacy deletion of u1."""
+def test_pg_concurrent_first_sight_of_an_identity_makes_one_profile(hub: Hub, ws: str) -> None:
+    """Two transactions seeing a new identity at once create one profile, not an orphan."""
     _postgres_only(hub)
     _interleave(
         hub,
@@ -179,11 +173,8 @@ def test_pg_concurrent_first_sight_of_an_identity_orphans_a_profile(hub: Hub, ws
     assert (n_profiles, seen) == (1, {"m1", "m2"})
 
 
-def test_pg_event_touching_a_profile_merged_concurrently_is_orphaned(hub: Hub, ws: str) -> None:
-    """identity/service.py:199 (touch fast path) + 310-330: a batch that resolved
-    ``anonymous_id:d1`` to profile A before a concurrent merge absorbed A writes its inbox row
-    with ``profile_id=A`` after the merge re-pointed A's waiting events and deleted A. The
-    acknowledged event then belongs to no profile (and, in server mode, the log too)."""
+def test_pg_event_for_a_profile_merged_concurrently_follows_the_merge(hub: Hub, ws: str) -> None:
+    """An event resolved while another transaction merges its profile lands on the survivor."""
     _postgres_only(hub)
 
     def ago(hours: int) -> str:
@@ -238,10 +229,7 @@ def test_pg_event_touching_a_profile_merged_concurrently_is_orphaned(hub: Hub, w
 
 
 def test_a_cancelled_request_does_not_stop_group_commit(hub: Hub, ws: str) -> None:
-    """batcher.py:108-113: when a request is cancelled while its batch waits (client gone,
-    a timeout), ``asyncio.wrap_future`` cancels the concurrent future; the writer's
-    ``set_result`` then raises InvalidStateError, the writer thread dies, and every later
-    ingestion request waits forever."""
+    """A request cancelled while queued is dropped; the writer thread keeps serving the others."""
     import asyncio
 
     from waymark.ingestion.batcher import GroupCommitter
@@ -277,9 +265,8 @@ def test_a_cancelled_request_does_not_stop_group_commit(hub: Hub, ws: str) -> No
 
 
 def test_merge_chain_within_one_batch_is_consistent(hub: Hub, ws: str) -> None:
-    """Checked and right (passes): in one batch a stored profile is touched, absorbed, then
-    touched again through an identity it brought, and a second merge absorbs the survivor;
-    every event ends on the final profile, consents follow, nothing is orphaned."""
+    """Touch, absorb, touch again and absorb the survivor, all in one batch: ids, consents,
+    waiting events and links all end on the last survivor."""
     ing = Ingestor(hub)
 
     def ago(hours: int) -> str:
@@ -369,11 +356,9 @@ def test_merge_chain_within_one_batch_is_consistent(hub: Hub, ws: str) -> None:
 # -- 2b. identity: the touch fast path -------------------------------------------------------------
 
 
-def test_touch_fast_path_keeps_link_first_seen_that_apply_record_lowers(hub: Hub, ws: str) -> None:
-    """identity/service.py:196-199: a backdated event that only 'touches' a profile widens the
-    profile's first_seen but not the first_seen of the identity it carried, while the same
-    event with a trait (full apply_record) lowers both. The link's first_seen drives which
-    links the graph limit drops, so results depend on whether an event had traits."""
+def test_backdated_event_lowers_first_seen_of_profile_and_link(hub: Hub, ws: str) -> None:
+    """A backdated event lowers first_seen of the profile and of its identity link alike,
+    with or without traits."""
     ing = Ingestor(hub)
     earlier = (hub.clock.now() - timedelta(hours=5)).isoformat()
     ing.segment(
@@ -418,10 +403,8 @@ def test_touch_fast_path_keeps_link_first_seen_that_apply_record_lowers(hub: Hub
 # -- 3. privacy ----------------------------------------------------------------------------------
 
 
-def test_deleted_person_is_still_readable_in_the_duckdb_file(hub: Hub, ws: str) -> None:
-    """profiles/service.py:439 + eventlog.py:348: DuckDB's DELETE (even after CHECKPOINT and
-    close) leaves the deleted rows' bytes in events.duckdb, so an erased person's event data
-    (properties, identities) can still be read from the file and its backups."""
+def test_deleted_person_leaves_no_bytes_in_the_duckdb_file(hub: Hub, ws: str) -> None:
+    """After a privacy deletion the person's data is not in the bytes of the DuckDB file."""
     if hub.engine.dialect.name != "sqlite":
         pytest.skip("embedded DuckDB log only")
     secret = "gift-note-for-ann-9183"
@@ -453,11 +436,10 @@ def test_deleted_person_is_still_readable_in_the_duckdb_file(hub: Hub, ws: str) 
 # -- 4. timestamps from the DuckDB log -----------------------------------------------------------
 
 
-def test_timeline_on_a_non_utc_machine(hub: Hub, ws: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """eventlog.py:327-337: DuckDB returns TIMESTAMPTZ in the process's local zone, so on a
-    machine whose TZ is not UTC the timeline mixes '+00:00' (inbox) and '-05:00' (log)
-    strings, and profiles/service.py:153 sorts those strings: a newer logged event is placed
-    after an older waiting one (and can be cut off by ``limit``)."""
+def test_timeline_order_on_a_non_utc_machine(
+    hub: Hub, ws: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timeline is in time order even when the machine's zone is not UTC."""
     if hub.engine.dialect.name != "sqlite":
         pytest.skip("embedded DuckDB log only")
     assert not hub.events_open
@@ -503,9 +485,7 @@ def test_timeline_on_a_non_utc_machine(hub: Hub, ws: str, monkeypatch: pytest.Mo
 def test_alias_with_nul_in_previous_id_is_a_400_not_a_500(
     lenient_client: TestClient, http: Api
 ) -> None:
-    """ingestion/service.py:151: normalize_identity raises ValueError for a NUL in previousId
-    (payloads._plain_id lets it through); nothing catches it, so the whole request (a whole
-    Segment batch) is a 500 that clients retry forever. Both backends."""
+    """A NUL in an alias's previousId rejects that item with a reason, not the whole request."""
     r = lenient_client.post(
         "/v1/batch",
         headers=http.basic(),
@@ -534,10 +514,7 @@ def test_nul_outside_properties_is_rejected_per_item(
     http: Api,
     item: dict[str, Any],
 ) -> None:
-    """ingestion/service.py:93-102 checks NUL only in properties/traits/context. A NUL in the
-    event name, messageId or groupId is stored on SQLite but makes PostgreSQL raise, so on
-    PostgreSQL the whole batch (good items too) is a 500: the backends disagree and one bad
-    item poisons its batch."""
+    """NUL characters in names and ids are rejected per item on every backend."""
     r = lenient_client.post(
         "/v1/batch",
         headers=http.basic(),
@@ -555,9 +532,7 @@ def test_patch_profile_bad_attribute_is_a_400(
     http: Api,
     attributes: dict[str, Any],
 ) -> None:
-    """profiles/service.py:234 (update_profile) + identity/service.py:74: PATCH bodies are
-    parsed by FastAPI's json, so a 21-digit integer reaches orjson.dumps (TypeError, 500 on
-    both backends); and unlike ingest_profiles, no NUL check runs (500 on PostgreSQL)."""
+    """Unstorable attribute values (NUL, integers beyond 64 bits) in a PATCH answer 400."""
     r = lenient_client.patch(
         "/v1/profiles/user_id/u1?create=true",
         headers=http.bearer(),
@@ -585,8 +560,7 @@ def test_odd_inputs_answer_4xx(
     url: str,
     body: Any,
 ) -> None:
-    """app.py:266 (limit has no ge=1: DuckDB and PostgreSQL refuse LIMIT -1, 500 on both) and
-    NUL characters in query/path/body strings other than identities (PostgreSQL raises, 500)."""
+    """Odd query values (negative limits, NUL characters) answer 4xx, never 500."""
     http.client.post(
         "/v1/track", headers=http.basic(), json={"userId": "u1", "event": "e", "messageId": "m1"}
     )
@@ -598,9 +572,7 @@ def test_odd_inputs_answer_4xx(
 
 
 def test_public_write_key_cannot_set_consent(http: Api) -> None:
-    """app.py:209-221 (and /v1/imports, 223-230) only require the ``ingest`` scope, which the
-    public write key (shipped in web pages) holds: anyone who reads a site's JavaScript can opt
-    any e-mail address in to marketing or bulk-import profiles. Design decision to confirm."""
+    """The public write key cannot set consent or upload imports."""
     r = http.client.post(
         "/v1/profiles",
         headers=http.basic(),
