@@ -66,4 +66,10 @@ class Hub:
         if self._events is not None:
             self._events.close()
             self._events = None
+        if self.engine.dialect.name == "sqlite":
+            raw = self.engine.raw_connection()  # keep the planner's statistics current
+            try:
+                raw.cursor().execute("PRAGMA optimize")
+            finally:
+                raw.close()
         self.engine.dispose()

@@ -72,10 +72,13 @@ def get_profile(conn: Connection, workspace_id: str, profile_id: str) -> dict[st
     )
     if row is None:
         raise NotFound(f"no profile {profile_id!r}")
-    links = conn.execute(
-        select(identities.c.namespace, identities.c.value, identities.c.first_seen)
-        .where(identities.c.workspace_id == workspace_id, identities.c.profile_id == profile_id)
-        .order_by(identities.c.namespace, identities.c.value)
+    # sorted here: an ORDER BY would lead SQLite to walk the primary key instead of the index
+    links = sorted(
+        conn.execute(
+            select(identities.c.namespace, identities.c.value, identities.c.first_seen).where(
+                identities.c.workspace_id == workspace_id, identities.c.profile_id == profile_id
+            )
+        ).all()
     )
     cons = conn.execute(
         select(consents)

@@ -164,7 +164,7 @@ identities = Table(
     Column("value", String(255), primary_key=True),
     Column("profile_id", Id, nullable=False),
     Column("first_seen", UtcDateTime, nullable=False),
-    Index("ix_identities_profile", "profile_id"),
+    Index("ix_identities_profile", "workspace_id", "profile_id"),
 )
 
 profile_merges = Table(
@@ -176,6 +176,7 @@ profile_merges = Table(
     Column("survivor_id", Id, nullable=False),
     Column("at", UtcDateTime, nullable=False),
     Index("ix_profile_merges_absorbed", "workspace_id", "absorbed_id"),
+    Index("ix_profile_merges_survivor", "workspace_id", "survivor_id"),
     sqlite_autoincrement=True,
 )
 
@@ -189,7 +190,7 @@ consents = Table(
     Column("status", String(16), nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     Column("source", String(100), nullable=False),
-    Index("ix_consents_profile", "profile_id"),
+    Index("ix_consents_profile", "workspace_id", "profile_id"),
 )
 
 seen_messages = Table(

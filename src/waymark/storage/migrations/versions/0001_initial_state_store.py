@@ -60,7 +60,7 @@ def upgrade() -> None:
         ),
     )
     with op.batch_alter_table("consents", schema=None) as batch_op:
-        batch_op.create_index("ix_consents_profile", ["profile_id"], unique=False)
+        batch_op.create_index("ix_consents_profile", ["workspace_id", "profile_id"], unique=False)
 
     op.create_table(
         "event_inbox",
@@ -103,7 +103,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("workspace_id", "namespace", "value", name=op.f("pk_identities")),
     )
     with op.batch_alter_table("identities", schema=None) as batch_op:
-        batch_op.create_index("ix_identities_profile", ["profile_id"], unique=False)
+        batch_op.create_index("ix_identities_profile", ["workspace_id", "profile_id"], unique=False)
 
     op.create_table(
         "imports",
@@ -165,6 +165,9 @@ def upgrade() -> None:
     with op.batch_alter_table("profile_merges", schema=None) as batch_op:
         batch_op.create_index(
             "ix_profile_merges_absorbed", ["workspace_id", "absorbed_id"], unique=False
+        )
+        batch_op.create_index(
+            "ix_profile_merges_survivor", ["workspace_id", "survivor_id"], unique=False
         )
 
     op.create_table(
@@ -294,6 +297,7 @@ def downgrade() -> None:
 
     op.drop_table("seen_messages")
     with op.batch_alter_table("profile_merges", schema=None) as batch_op:
+        batch_op.drop_index("ix_profile_merges_survivor")
         batch_op.drop_index("ix_profile_merges_absorbed")
 
     op.drop_table("profile_merges")
