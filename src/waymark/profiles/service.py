@@ -23,6 +23,7 @@ from waymark.identity.service import ProfileWriter
 from waymark.model.events import ConsentStatus, ConsentUpdate, Identity, normalize_identity
 from waymark.model.json import to_jsonable, unstorable
 from waymark.model.schemas import Schema, validate_attributes
+from waymark.storage import hotpath
 from waymark.storage.eventlog import EventLog
 from waymark.storage.tables import (
     audit_log,
@@ -59,33 +60,11 @@ def find_profile_id(conn: Connection, workspace_id: str, identity: Identity) -> 
     return str(pid)
 
 
-def get_profile(conn: Connection, workspace_id: str, profile_id: str) -> dict[str, Any]:
-    """A profile with its identities, attributes, consents and system attributes."""
-    row = (
-        conn.execute(
-            select(profiles).where(
-                profiles.c.workspace_id == workspace_id, profiles.c.id == profile_id
-            )
-        )
-        .mappings()
-        .first()
-    )
-    if row is None:
-        raise NotFound(f"no profile {profile_id!r}")
-    # sorted here: an ORDER BY would lead SQLite to walk the primary key instead of the index
-    links = sorted(
-        conn.execute(
-            select(identities.c.namespace, identities.c.value, identities.c.first_seen).where(
-                identities.c.workspace_id == workspace_id, identities.c.profile_id == profile_id
-            )
-        ).all()
-    )
-    cons = conn.execute(
-        select(consents)
-        .where(consents.c.workspace_id == workspace_id, consents.c.profile_id == profile_id)
-        .order_by(consents.c.channel, consents.c.purpose)
-    ).mappings()
-    attrs = row["attributes"] or {}
+def _view(
+    found: tuple[dict[str, Any], list[tuple[str, str, datetime]], list[tuple[Any, ...]]],
+) -> dict[str, Any]:
+    row, links, cons = found
+    attrs = row["attributes"]
     return {
         "id": row["id"],
         "identities": [
@@ -94,13 +73,13 @@ def get_profile(conn: Connection, workspace_id: str, profile_id: str) -> dict[st
         "attributes": attrs,
         "consents": [
             {
-                "channel": c["channel"],
-                "purpose": c["purpose"],
-                "status": c["status"],
-                "updated_at": c["updated_at"].isoformat(),
-                "source": c["source"],
+                "channel": channel,
+                "purpose": purpose,
+                "status": status,
+                "updated_at": updated_at.isoformat(),
+                "source": source,
             }
-            for c in cons
+            for channel, purpose, status, updated_at, source in cons
         ],
         "system": {
             "first_seen": row["first_seen"].isoformat(),
@@ -112,10 +91,21 @@ def get_profile(conn: Connection, workspace_id: str, profile_id: str) -> dict[st
     }
 
 
+def get_profile(conn: Connection, workspace_id: str, profile_id: str) -> dict[str, Any]:
+    """A profile with its identities, attributes, consents and system attributes."""
+    found = hotpath.read_profile(conn, workspace_id, profile_id=profile_id)
+    if found is None:
+        raise NotFound(f"no profile {profile_id!r}")
+    return _view(found)
+
+
 def lookup(conn: Connection, workspace_id: str, namespace: str, value: str) -> dict[str, Any]:
     """The profile holding the identity ``namespace:value``."""
     identity = parse_identity(namespace, value)
-    return get_profile(conn, workspace_id, find_profile_id(conn, workspace_id, identity))
+    found = hotpath.read_profile(conn, workspace_id, identity=(identity.namespace, identity.value))
+    if found is None:
+        raise NotFound(f"no profile with {identity}")
+    return _view(found)
 
 
 def timeline(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection
 
 from waymark.storage.tables import sqlite_time
@@ -206,3 +207,64 @@ def find_owners(
             )
         found.extend((r[0], r[1], _read_time(r[2])) for r in rows)
     return found
+
+
+def read_profile(
+    conn: Connection,
+    workspace_id: str,
+    *,
+    profile_id: str | None = None,
+    identity: tuple[str, str] | None = None,
+) -> tuple[dict[str, Any], list[tuple[str, str, datetime]], list[tuple[Any, ...]]] | None:
+    """One profile by id or by identity: ``(row, links, consents)`` or ``None``.
+
+    ``row`` has id, attributes (decoded), first_seen, last_seen, created_at, updated_at;
+    ``links`` are ``(namespace, value, first_seen)`` sorted; ``consents`` are
+    ``(channel, purpose, status, updated_at, source)`` sorted. Three primary-key or index
+    look-ups on the DBAPI cursor: this is the read path of decisions and the profile API.
+    """
+    m = _marks(conn)
+    columns = "p.id, p.attributes, p.first_seen, p.last_seen, p.created_at, p.updated_at"
+    if identity is not None:
+        found = conn.exec_driver_sql(
+            f"SELECT {columns} FROM identities i JOIN profiles p ON p.workspace_id = "
+            f"i.workspace_id AND p.id = i.profile_id WHERE i.workspace_id = {m} AND "
+            f"i.namespace = {m} AND i.value = {m}",
+            (workspace_id, identity[0], identity[1]),
+        ).first()
+    else:
+        found = conn.exec_driver_sql(
+            f"SELECT {columns} FROM profiles p WHERE p.workspace_id = {m} AND p.id = {m}",
+            (workspace_id, profile_id),
+        ).first()
+    if found is None:
+        return None
+    attributes = found[1]
+    if isinstance(attributes, str | bytes):
+        attributes = orjson.loads(attributes)
+    row = {
+        "id": found[0],
+        "attributes": attributes or {},
+        "first_seen": _read_time(found[2]),
+        "last_seen": _read_time(found[3]),
+        "created_at": _read_time(found[4]),
+        "updated_at": _read_time(found[5]),
+    }
+    # no ORDER BY: it would steer SQLite onto the primary key instead of the profile index
+    links = sorted(
+        (r[0], r[1], _read_time(r[2]))
+        for r in conn.exec_driver_sql(
+            "SELECT namespace, value, first_seen FROM identities "
+            f"WHERE workspace_id = {m} AND profile_id = {m}",
+            (workspace_id, found[0]),
+        )
+    )
+    consents = sorted(
+        (r[0], r[1], r[2], _read_time(r[3]), r[4])
+        for r in conn.exec_driver_sql(
+            "SELECT channel, purpose, status, updated_at, source FROM consents "
+            f"WHERE workspace_id = {m} AND profile_id = {m}",
+            (workspace_id, found[0]),
+        )
+    )
+    return row, links, consents
