@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -36,12 +36,15 @@ def _rows_to_arrow(rows: list[tuple[Any, ...]]) -> pa.Table:
     """Inbox rows (``INBOX_COLUMNS`` order) as the log's Arrow batch; JSON stays text."""
     columns = list(zip(*rows, strict=True)) if rows else [() for _ in INBOX_COLUMNS]
     data = dict(zip(INBOX_COLUMNS, columns, strict=True))
-    if data and rows and isinstance(data["timestamp"][0], str):  # SQLite keeps text
-        for key in ("timestamp", "received_at"):
-            data[key] = tuple(datetime.fromisoformat(v).replace(tzinfo=UTC) for v in data[key])
-    return pa.table(
-        {name: list(data[name]) for name in EVENT_ARROW_SCHEMA.names}, schema=EVENT_ARROW_SCHEMA
-    )
+    arrays: dict[str, pa.Array] = {}
+    for field in EVENT_ARROW_SCHEMA:
+        values = list(data[field.name])
+        if pa.types.is_timestamp(field.type) and values and isinstance(values[0], str):
+            # SQLite keeps UTC instants as text: Arrow parses the column in one call
+            arrays[field.name] = pa.array(values).cast(pa.timestamp("us")).cast(field.type)
+        else:
+            arrays[field.name] = pa.array(values, field.type)
+    return pa.table(arrays, schema=EVENT_ARROW_SCHEMA)
 
 
 _PG_MOVE = text(

@@ -71,18 +71,28 @@ def validate_event_item(schema: Schema, event: Event) -> Event | tuple[Issue, ..
     NUL characters are refused everywhere (PostgreSQL cannot store them in text or JSON), so
     both backends accept exactly the same events.
     """
-    for part, value in (
+    for part, text in (
         ("event", event.name),
         ("messageId", event.message_id),
         ("previousId", event.previous_id),
         ("groupId", event.group_id),
-        ("properties", event.properties),
-        ("traits", event.traits),
-        ("context", event.context),
     ):
-        bad = unstorable(value, part)
-        if bad:
-            return (Issue(*bad),)
+        if text is not None and "\x00" in text:
+            return (Issue(part, "contains a NUL character (\\u0000), which cannot be stored"),)
+    try:  # one C call covers the common case; the walk below only runs to name the culprit
+        encoded = orjson.dumps((event.properties, event.traits, event.context), default=str)
+        suspect = b"\\u0000" in encoded
+    except TypeError:  # e.g. an integer beyond 64 bits
+        suspect = True
+    if suspect:
+        for part, value in (
+            ("properties", event.properties),
+            ("traits", event.traits),
+            ("context", event.context),
+        ):
+            bad = unstorable(value, part)
+            if bad:
+                return (Issue(*bad),)
     if event.previous_id is not None:
         try:
             normalize_identity("anonymous_id", event.previous_id)
