@@ -584,3 +584,68 @@ def test_error_report_columns_and_custom_path(hub: Hub, ws: str, tmp_path: Path)
     with pytest.raises(InvalidInput, match="format"):
         run_import(hub, workspace_id=ws, kind="profiles", path=tmp_path / "in.csv",
                    actor="t", fmt="xlsx")
+
+
+def test_json_lines_without_identity_or_time_reject_rows(hub: Hub, ws: str, tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "events.jsonl",
+        [{"event": "tap", "note": "nobody"}, {"event": "tap", "user_id": "u1"},
+         {"event": "tap", "user_id": "u1", "timestamp": stamp(hub, 1)}],
+    )
+    report = run_import(hub, workspace_id=ws, kind="events", path=path, actor="t")
+    assert (report.rows_accepted, report.rows_rejected) == (1, 2)
+    lines = report_lines(report)
+    assert {(int(x["row"]), x["field"]) for x in lines} >= {(1, "timestamp"), (2, "timestamp")}
+    assert any("no identity" in x["reason"] for x in lines if x["row"] == "1")
+
+
+def test_csv_with_bom_and_crlf_lines(hub: Hub, ws: str, tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfuser_id,plan\r\nu1,pro\r\n\r\nu2,free\r\n")
+    report = run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t")
+    assert (report.rows_accepted, report.rows_rejected) == (2, 0)
+    with hub.tx() as conn:
+        assert profiles.lookup(conn, ws, "user_id", "u2")["attributes"]["plan"] == "free"
+
+
+def test_large_profile_files_are_converted_by_worker_processes(
+    hub: Hub, ws: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(files, "_PARALLEL_ROWS", 1)
+    rows = [[f"u{i}", f"p{i}@example.com", None, f"N{i}", str(i), "opted_in", stamp(hub, i)]
+            for i in range(30)]
+    rows[7][1] = "not-an-email"
+    path = write_csv(tmp_path / "people.csv", PROFILE_HEADER, rows)
+    report = run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t",
+                        chunk_rows=4, fmt="csv")
+    assert (report.rows_accepted, report.rows_rejected) == (29, 1)
+    assert [int(x["row"]) for x in report_lines(report)] == [8]
+    assert count(hub, profiles_table, ws) == 29
+
+
+def test_parquet_events_with_struct_properties_and_text_times(
+    hub: Hub, ws: str, tmp_path: Path
+) -> None:
+    path = write_parquet(
+        tmp_path / "events.parquet",
+        {
+            "event": pa.array(["product_view", "product_view", "cart_add"]),
+            "timestamp": pa.array([stamp(hub, 1), "31/12/2025", stamp(hub, 3)]),
+            "anonymous_id": pa.array(["d1", "d1", "d1"]),
+            "properties": pa.array(
+                [{"sku": "A1", "price": 5.0}, {"sku": "A2", "price": 6.0},
+                 {"sku": "A3", "price": 7.5}],
+                pa.struct([("sku", pa.string()), ("price", pa.float64())]),
+            ),
+            "session": pa.array([7, 7, 8], pa.int64()),  # any other column is a property
+        },
+    )
+    report = run_import(hub, workspace_id=ws, kind="events", path=path, actor="t")
+    assert (report.rows_accepted, report.rows_rejected) == (2, 1)
+    assert [(int(x["row"]), x["field"]) for x in report_lines(report)] == [(2, "timestamp")]
+    with hub.tx() as conn:
+        pid = profiles.lookup(conn, ws, "anonymous_id", "d1")["id"]
+        events = profiles.timeline(conn, hub.events, ws, pid)
+    assert [e["properties"] for e in events] == [
+        {"sku": "A3", "price": 7.5, "session": 8}, {"sku": "A1", "price": 5.0, "session": 7}
+    ]

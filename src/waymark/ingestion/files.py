@@ -21,18 +21,25 @@ call it). Contracts:
   finished file again changes nothing and returns the earlier report with ``already_done``;
   an interrupted import (status ``running`` or ``failed``) resumes where it stopped.
 * **Profiles** are applied chunk by chunk, one state-store transaction per chunk that also
-  advances ``imports.rows_committed``.
+  advances ``imports.rows_committed``. Rows whose identities are all new are written set-wise;
+  the others go through :class:`ProfileWriter`. Large files are converted and validated by
+  worker processes (one per core), a few chunks ahead of the writes.
 * **Events** are appended to the event log directly (not through the inbox), in three phases:
-  (1) every row is read, validated and staged in a temporary DuckDB file beside the data;
-  (2) identities are resolved in bulk on the distinct identity tuples of the whole file (new
-  people and new identities of known people are written set-wise, in batches of one
-  transaction each; rows that link or conflict go through :class:`ProfileWriter`), so a device
-  browsing anonymously in January and logging in in March lands on one profile without a
-  merge; ``first_seen``/``last_seen`` are widened with one grouped min/max; (3) chunk by chunk,
-  the log append carries the marker ``("import:<id>", last row)`` in its own transaction and a
-  state transaction then advances ``rows_committed``. A crash at any point neither loses nor
-  duplicates an event: phases 1-2 are redone (idempotently), and rows at or below the log's
-  marker are not appended again. Duplicate ``message_id``\\ s within the file keep the first row.
+  (1) every row is read and validated; its log columns are spilled to an Arrow file and its
+  identities, time and message id staged in a temporary DuckDB database (both in a private
+  folder under ``<data>/tmp``, removed at the end); (2) identities are resolved in bulk on the
+  distinct identity tuples of the whole file: connected groups of identities that no profile
+  holds become one new profile, new identities of a group held by one profile are linked to
+  it, and groups that would merge profiles or break a unique namespace go through
+  :class:`ProfileWriter`; so a device browsing anonymously in January and logging in in March
+  lands on one profile without a merge; (3) groups of rows are appended, each append waiting
+  until the profiles and identity links its rows need are committed (they are written set-wise
+  meanwhile, in the order the file first needs them), carrying the marker
+  ``("import:<id>", last row)`` in the log's own transaction, then a state transaction
+  advances ``rows_committed``. ``first_seen``/``last_seen`` of existing profiles are widened
+  with one grouped min/max, alongside the appends. A crash at any point neither loses nor
+  duplicates an event: phases 1-2 are redone (idempotently) and rows at or below the log's
+  marker are not appended again. A row repeating an earlier row's ``message_id`` is skipped.
 """
 
 from __future__ import annotations
@@ -558,10 +565,15 @@ class _CsvReader:
         per_line = np.diff(np.searchsorted(quotes, ends), prepend=0)
         if quotes.size and np.any(per_line % 2):
             return self._slow(data, row, final=final)
-        table, rows, errors = self._parse(utf8, [row + i + 1 for i in range(ends.size)])
-        return _Piece(table, rows, errors, row + int(ends.size), text=frozenset(self.names)), len(
-            data
-        )
+        starts = np.concatenate(([0], ends[:-1] + 1))
+        length = ends - starts  # without the newline
+        blank = (length == 0) | ((length == 1) & (raw[np.maximum(ends - 1, 0)] == 13))
+        numbers = [row + i + 1 for i in range(ends.size)]
+        table, rows, errors = self._parse(utf8, numbers)
+        if blank.any():  # an empty line is no row (Arrow reads it as one of nulls)
+            table, rows = _without(table, rows, {numbers[i] for i in np.flatnonzero(blank)})
+        piece = _Piece(table, rows, errors, row + int(ends.size), text=frozenset(self.names))
+        return piece, len(data)
 
     def _parse(self, utf8: bytes, numbers: list[int]) -> tuple[pa.Table, I64, list[RowError]]:
         """Parse records (UTF-8, newline-terminated) whose row numbers are ``numbers``."""
@@ -674,6 +686,9 @@ class _CsvReader:
                 text = text.decode(self.codec).encode("utf-8")
             table, rows, more = self._parse(text, numbers)
             errors.extend(more)
+            blanks = {n for n, line in zip(numbers, good, strict=True) if not line.strip()}
+            if blanks:
+                table, rows = _without(table, rows, blanks)
         else:
             table, rows = _empty_table(self.names), np.zeros(0, dtype=np.int64)
         errors.sort(key=lambda e: e.row)
@@ -722,6 +737,12 @@ class _CsvReader:
         if opened_in is None or opened_in >= len(self.names):
             return ""
         return self.names[opened_in]
+
+
+def _without(table: pa.Table, rows: I64, numbers: set[int]) -> tuple[pa.Table, I64]:
+    """``table`` and its row numbers without the rows numbered ``numbers``."""
+    keep = ~np.isin(rows, np.fromiter(numbers, dtype=np.int64))
+    return table.filter(pa.array(keep)), rows[keep]
 
 
 def _lines(data: bytes) -> list[bytes]:
@@ -811,7 +832,7 @@ def _jsonl_pieces(path: Path, codec: str, rows_per_piece: int) -> Iterator[_Piec
 
 def _parquet_file(path: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=False)  # page by page: memory stays small
     except (pa.ArrowInvalid, OSError) as exc:
         raise InvalidInput([Issue("file", f"not a readable Parquet file: {exc}")]) from None
 
@@ -1212,6 +1233,9 @@ class _Record:
     attributes: dict[str, Any]
     consents: tuple[ConsentUpdate, ...]
     at: datetime
+    #: for SQLite, prepared where the row is converted: the ``attributes`` and
+    #: ``attribute_meta`` documents of a new profile and ``at`` as stored
+    sqlite: tuple[str, str, str] | None = None
 
 
 @dataclass
@@ -1229,7 +1253,8 @@ class _Context:
 
     @property
     def rules(self) -> _Rules:
-        return _Rules(self.schema, self.plan, self.limits, self.now)
+        lite = self.hub.engine.dialect.name == "sqlite"
+        return _Rules(self.schema, self.plan, self.limits, self.now, lite)
 
 
 @dataclass(frozen=True)
@@ -1240,6 +1265,7 @@ class _Rules:
     plan: _Plan
     limits: Limits
     now: datetime
+    sqlite: bool = False
 
 
 def _profile_records(ctx: _Rules, piece: _Piece) -> tuple[list[_Record], list[RowError]]:
@@ -1248,10 +1274,6 @@ def _profile_records(ctx: _Rules, piece: _Piece) -> tuple[list[_Record], list[Ro
     columns = piece.table.column_names
     targets = {c: plan.target(c) for c in columns}
     id_columns = [(c, t.name) for c, t in targets.items() if t.what == "identity"]
-    if not plan.columns("identity"):
-        raise InvalidInput(
-            [Issue("columns", "a profiles file needs at least one identity column, e.g. user_id")]
-        )
     explicit = {t.name for t in targets.values() if t.what == "attribute"}
     attr_columns = {c: t.name for c, t in targets.items() if t.what == "attribute"}
     for c, ns in id_columns:  # e-mail and phone are also attributes
@@ -1264,7 +1286,7 @@ def _profile_records(ctx: _Rules, piece: _Piece) -> tuple[list[_Record], list[Ro
     if time_column is not None:
         used.add(time_column)
     values = {c: piece.table.column(c).to_pylist() for c in used}
-    identity_names = "/".join(plan.by_target.get(f"identity:{ns}", ns) for ns in _namespaces(plan))
+    identity_names = _identity_names(plan)
     records: list[_Record] = []
     errors: list[RowError] = list(piece.errors)
 
@@ -1339,8 +1361,23 @@ def _profile_records(ctx: _Rules, piece: _Piece) -> tuple[list[_Record], list[Ro
         if problems:
             errors.extend(problems)
             continue
-        records.append(_Record(row, tuple(ids), attributes, tuple(updates), at))
+        prepared = None
+        if ctx.sqlite:  # the writing process then only assembles rows
+            visible = {k: v for k, v in attributes.items() if v is not None}
+            stamp = at.isoformat()
+            prepared = (
+                orjson.dumps(visible, option=orjson.OPT_NON_STR_KEYS).decode(),
+                orjson.dumps({k: [stamp, SOURCE] for k in sorted(attributes)}).decode(),
+                sqlite_time(at),
+            )
+        records.append(_Record(row, tuple(ids), attributes, tuple(updates), at, prepared))
     return records, errors
+
+
+def _identity_names(plan: _Plan) -> str:
+    """The identity columns seen so far, for reasons (the standard ones before any is seen)."""
+    names = [plan.by_target.get(f"identity:{ns}", ns) for ns in _namespaces(plan)]
+    return "/".join(names or STANDARD_NAMESPACES)
 
 
 def _namespaces(plan: _Plan) -> list[str]:
@@ -1399,6 +1436,7 @@ def _insert_fresh(ctx: _Context, conn: Connection, records: list[_Record]) -> No
         return sqlite_time(instant) if lite else instant
 
     def document(value: dict[str, Any]) -> Any:
+        # orjson writes datetimes and dates as isoformat() does, like to_jsonable + the engine
         return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode() if lite else value
 
     now = when(ctx.now)
@@ -1409,13 +1447,16 @@ def _insert_fresh(ctx: _Context, conn: Connection, records: list[_Record]) -> No
     }
     for rec in records:
         pid = new_id()
-        at, stamp = when(rec.at), rec.at.isoformat()
-        visible = {k: v for k, v in rec.attributes.items() if v is not None}
         rows["id"].append(pid)
-        rows["attributes"].append(document(to_jsonable(visible)))
-        rows["attribute_meta"].append(
-            document({k: [stamp, SOURCE] for k in sorted(rec.attributes)})
-        )
+        if lite and rec.sqlite is not None:
+            attributes, meta, at = rec.sqlite
+        else:
+            at, stamp = when(rec.at), rec.at.isoformat()
+            visible = {k: v for k, v in rec.attributes.items() if v is not None}
+            attributes = document(visible if lite else to_jsonable(visible))
+            meta = document({k: [stamp, SOURCE] for k in sorted(rec.attributes)})
+        rows["attributes"].append(attributes)
+        rows["attribute_meta"].append(meta)
         rows["at"].append(at)
         for identity in sorted(set(rec.ids)):
             links["namespace"].append(identity.namespace)
@@ -1427,7 +1468,7 @@ def _insert_fresh(ctx: _Context, conn: Connection, records: list[_Record]) -> No
             grants["channel"].append(cu.channel)
             grants["purpose"].append(cu.purpose)
             grants["status"].append(cu.status.value)
-            grants["at"].append(when(cu.timestamp))
+            grants["at"].append(at if cu.timestamp == rec.at else when(cu.timestamp))
             grants["source"].append(cu.source)
     n = len(records)
     _insert_rows(
@@ -1485,15 +1526,18 @@ def _convert_in_worker(piece: _Piece) -> tuple[list[_Record], list[RowError]]:
 def _converted(
     rules: _Rules, pieces: Iterable[_Piece], *, workers: int
 ) -> Iterator[tuple[_Piece, list[_Record], list[RowError]]]:
-    """Pieces with their converted rows, in order. With ``workers`` > 1 (large files) rows
-    are converted and validated by that many processes, a few chunks ahead (validators of
-    e-mails and phone numbers are pure Python and the slowest part of a profile import)."""
+    """Pieces with their converted rows, in order. With ``workers`` (large files) rows are
+    converted and validated by that many processes, a few chunks ahead of the writes
+    (validating e-mails and phone numbers is pure Python and the slowest part of a profile
+    import)."""
     pool: ProcessPoolExecutor | None = None
-    if workers > 1 and not multiprocessing.current_process().daemon:
+    if workers > 0 and not multiprocessing.current_process().daemon:
         try:
+            # fork where there is one: spawn would re-run an unguarded ``__main__`` script
+            methods = multiprocessing.get_all_start_methods()
             pool = ProcessPoolExecutor(
                 max_workers=workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=multiprocessing.get_context("fork" if "fork" in methods else "spawn"),
                 initializer=_start_worker,
                 initargs=(rules,),
             )
@@ -1538,7 +1582,7 @@ def _import_profiles(
     progress: Progress | None,
     total: int | None,
     *,
-    workers: int = 1,
+    workers: int = 0,
 ) -> ImportReport:
     job = ctx.job
     accepted, rejected, done = job.accepted, job.rejected, job.committed
@@ -1552,7 +1596,7 @@ def _import_profiles(
         sink.add(errors)
         rejected += len({e.row for e in errors})
         accepted += len(records)
-        with _phase(job, "write"), ctx.hub.tx() as conn:
+        with _phase(job, "write"), _bulk_tx(ctx.hub) as conn:
             if records:
                 _apply_profiles(ctx, conn, records)
             _commit_progress(
@@ -1934,19 +1978,19 @@ def _stage_events(ctx: _Context, piece: _Piece) -> tuple[pa.Table, list[RowError
 
     # time
     time_col = column("timestamp")
-    if time_col is None:
-        raise InvalidInput([Issue("columns", "an events file needs a timestamp column")])
-    stamps = _times(
-        ctx, rejects, time_col, array(time_col), time_col in piece.json, time_col in piece.text
-    )
+    if time_col is None:  # (JSON Lines only: other files are checked up front)
+        stamps = pa.nulls(n, pa.timestamp("us", tz="UTC"))
+        rejects.add_mask(np.ones(n, dtype=np.bool_), "timestamp", "is required")
+    else:
+        stamps = _times(
+            ctx, rejects, time_col, array(time_col), time_col in piece.json,
+            time_col in piece.text,
+        )
 
     # identities
     id_values: dict[str, pa.Array] = {}
     id_columns = [(c, t.name) for c, t in targets.items() if t.what == "identity"]
-    if not plan.columns("identity"):
-        raise InvalidInput(
-            [Issue("columns", "an events file needs an identity column, e.g. user_id")]
-        )
+    before = rejects.bad.copy()
     for col, namespace in id_columns:
         id_values[namespace] = _identity_values(
             rejects, col, namespace, array(col), col in piece.json
@@ -1954,9 +1998,9 @@ def _stage_events(ctx: _Context, piece: _Piece) -> tuple[pa.Table, list[RowError
     some = np.zeros(n, dtype=np.bool_)
     for values in id_values.values():
         some |= np.asarray(pc.is_valid(values))
-    identity_names = "/".join(plan.by_target.get(f"identity:{ns}", ns) for ns in _namespaces(plan))
+    identity_names = _identity_names(plan)
     rejects.add_mask(
-        ~some & ~rejects.bad,
+        ~some & ~(rejects.bad & ~before),  # (a bad identity value is reported already)
         identity_names,
         f"has no identity: give a value in at least one of {identity_names}",
     )
@@ -2123,7 +2167,7 @@ class _Stage:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.db = duckdb.connect(":memory:")
+        self.db = duckdb.connect(str(directory / "stage.duckdb"))
         spill = directory / "spill"
         spill.mkdir(exist_ok=True)
         self.db.execute(f"SET threads = {max(os.cpu_count() or 1, 1)}")
@@ -2180,13 +2224,6 @@ class _Stage:
             self._writer.close()
             self._sink.close()
             self._writer = None
-
-    def spilled(self) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """The spilled batches with the last row each covers, in row order."""
-        with pa.OSFile(str(self.spill_path), "rb") as source:
-            reader = pa.ipc.open_file(source)
-            for index, last in enumerate(self.chunk_ends):
-                yield last, reader.get_batch(index)
 
     def one(self, query: str, params: Sequence[Any] = ()) -> Any:
         row = self.db.execute(query, list(params)).fetchall()
@@ -2350,7 +2387,7 @@ def _release_memory() -> None:
 def _resolve(ctx: _Context, stage: _Stage) -> None:
     """Decide the profile of every distinct identity tuple of the staged rows.
 
-    Leaves in the stage ``row_pid(row, pid, c)``, ``tuple_pid(tid, pid, cls)`` and the
+    Leaves in the stage ``row_pid(row, pid)``, ``tuple_pid(tid, c, pid, cls)`` and the
     components to write (``comp_class``, ``comp_pid`` for new profiles, ``comp_first``: the
     first row of each). Only the ``writer`` components are written here (through
     ProfileWriter); the set-wise writes are :func:`_write_profiles`, run alongside the appends.
@@ -2360,8 +2397,8 @@ def _resolve(ctx: _Context, stage: _Stage) -> None:
     cols = ", ".join(_q(ns) for ns in nss)
     db.execute(
         "CREATE OR REPLACE TABLE tuples AS SELECT row_number() OVER () AS tid, * FROM ("
-        f"SELECT {cols}, min(timestamp) AS first_ts, max(timestamp) AS last_ts "
-        f"FROM staged GROUP BY {cols})"
+        f"SELECT {cols}, min(timestamp) AS first_ts, max(timestamp) AS last_ts, "
+        f"min(row) AS first_row FROM staged GROUP BY {cols})"
     )
     union = " UNION ALL ".join(
         f"SELECT tid, '{ns}' AS ns, {_q(ns)} AS value, first_ts FROM tuples "
@@ -2413,12 +2450,12 @@ def _resolve(ctx: _Context, stage: _Stage) -> None:
         )
         join = " AND ".join(f"s.{_q(ns)} IS NOT DISTINCT FROM t.{_q(ns)}" for ns in nss)
         db.execute(
-            "CREATE OR REPLACE TABLE row_pid AS SELECT s.row, tp.pid, tp.c FROM staged s "
-            f"JOIN tuples t ON {join} JOIN tuple_pid tp ON tp.tid = t.tid ORDER BY s.row"
+            "CREATE OR REPLACE TABLE row_pid AS SELECT s.row, tp.pid FROM staged s "
+            f"JOIN tuples t ON {join} JOIN tuple_pid tp ON tp.tid = t.tid"
         )
         db.execute(
-            "CREATE OR REPLACE TABLE comp_first AS SELECT c, min(row) AS first_row "
-            "FROM row_pid GROUP BY c"
+            "CREATE OR REPLACE TABLE comp_first AS SELECT tc.c, min(t.first_row) AS first_row "
+            "FROM tcomp tc JOIN tuples t USING (tid) GROUP BY tc.c"
         )
     _release_memory()
 
@@ -2851,7 +2888,8 @@ def _append_events(
     start = job.committed
     done = int(hub.events.marker_value(job.marker))
     accepted = int(stage.one("SELECT count(*) FROM row_pid WHERE row <= ?", [start]) or 0)
-    reader = pa.ipc.open_file(pa.OSFile(str(stage.spill_path), "rb"))
+    spill = pa.OSFile(str(stage.spill_path), "rb")
+    reader = pa.ipc.open_file(spill)
     micros = int((ctx.now - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1_000_000)
     background = _Background()
     checkpoints = _Checkpoints(ctx)
@@ -2898,6 +2936,7 @@ def _append_events(
             background.close()
         finally:
             checkpoints.close()
+            spill.close()
     return accepted
 
 
@@ -3207,10 +3246,11 @@ def run_import(
 
 
 def _workers_for(path: Path, total: int | None) -> int:
-    """Processes converting profile rows: one per core (at most 4) for large files."""
+    """Processes converting profile rows for large files: one per core but the one that
+    writes (at most 4); 0 converts in this process."""
     cpus = os.cpu_count() or 1
     large = (total or 0) >= _PARALLEL_ROWS or path.stat().st_size >= _PARALLEL_BYTES
-    return min(cpus, 4) if cpus > 1 and large else 1
+    return min(cpus - 1, 4) if cpus > 1 and large else 0
 
 
 def _check_workspace(hub: Hub, workspace_id: str) -> None:
