@@ -225,6 +225,32 @@ def create_key(
         raise InvalidInput([Issue("scopes", "a write key is public and may only have 'ingest'")])
     if not scope_set:
         raise InvalidInput([Issue("scopes", "give at least one scope")])
+    if kind == "user":
+        raise InvalidInput([Issue("kind", "user tokens are issued with create_user_token")])
+    return _issue(
+        conn,
+        workspace_id=workspace_id,
+        kind=kind,
+        name=name,
+        scopes=tuple(s.value for s in scope_set),
+        user_id=user_id,
+        actor=actor,
+        at=at,
+    )
+
+
+def _issue(
+    conn: Connection,
+    *,
+    workspace_id: str,
+    kind: str,
+    name: str,
+    scopes: tuple[str, ...],
+    user_id: str | None,
+    actor: str,
+    at: datetime,
+) -> IssuedKey:
+    """Store a new key's hash and audit it; the secret is returned, never stored."""
     secret = KEY_PREFIXES[kind] + secrets.token_urlsafe(32)
     key_id = new_id()
     conn.execute(
@@ -235,7 +261,7 @@ def create_key(
             name=name,
             prefix=secret[:10],
             secret_hash=hash_key(secret),
-            scopes=[s.value for s in scope_set],
+            scopes=list(scopes),
             user_id=user_id,
             created_at=at,
             created_by=actor,
@@ -248,10 +274,10 @@ def create_key(
         action="key.create",
         target_type="api_key",
         target_id=key_id,
-        details={"kind": kind, "scopes": [s.value for s in scope_set], "name": name},
+        details={"kind": kind, "scopes": list(scopes), "name": name},
         at=at,
     )
-    return IssuedKey(key_id, kind, secret, tuple(s.value for s in scope_set), name)
+    return IssuedKey(key_id, kind, secret, scopes, name)
 
 
 def list_keys(conn: Connection, workspace_id: str) -> list[dict[str, Any]]:
@@ -388,34 +414,17 @@ def create_user_token(
     ).first()
     if user is None:
         raise NotFound(f"no user {user_id!r} in this workspace")
-    secret = KEY_PREFIXES["user"] + secrets.token_urlsafe(32)
-    key_id = new_id()
-    scopes = sorted(s.value for s in ROLE_SCOPES[Role(user.role)])
-    conn.execute(
-        insert(api_keys).values(
-            id=key_id,
-            workspace_id=workspace_id,
-            kind="user",
-            name="user token",
-            prefix=secret[:10],
-            secret_hash=hash_key(secret),
-            scopes=scopes,
-            user_id=user_id,
-            created_at=at,
-            created_by=actor,
-        )
-    )
-    record_audit(
+    scopes = tuple(sorted(s.value for s in ROLE_SCOPES[Role(user.role)]))
+    return _issue(
         conn,
         workspace_id=workspace_id,
+        kind="user",
+        name="user token",
+        scopes=scopes,
+        user_id=user_id,
         actor=actor,
-        action="key.create",
-        target_type="api_key",
-        target_id=key_id,
-        details={"kind": "user"},
         at=at,
     )
-    return IssuedKey(key_id, "user", secret, tuple(scopes), "user token")
 
 
 def list_users(conn: Connection, workspace_id: str) -> list[dict[str, Any]]:
