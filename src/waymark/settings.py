@@ -44,7 +44,7 @@ class Settings(BaseModel):
     max_future_seconds: int = 86_400
     max_past_days: int = 3650
     dedup_window_days: int = 30
-    flush_interval_ms: int = 200
+    flush_interval_ms: int = 1000
     identity_graph_limit: int = 50
     source_priority: dict[str, list[str]] = Field(
         default_factory=dict,

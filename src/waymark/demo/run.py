@@ -253,7 +253,6 @@ def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = No
             for rej in answer["rejected"]:
                 for err in rej["errors"]:
                     out.print(f"  item {rej['index']}: {err['path']}: {err['reason']}")
-            time.sleep(settings.flush_interval_ms / 1000 * 3)
 
             out.rule("[bold]5. The shopper's profile, by any identity")
             auth = {"Authorization": f"Bearer {reader.secret}"}
