@@ -615,12 +615,18 @@ def test_large_profile_files_are_converted_by_worker_processes(
     rows = [[f"u{i}", f"p{i}@example.com", None, f"N{i}", str(i), "opted_in", stamp(hub, i)]
             for i in range(30)]
     rows[7][1] = "not-an-email"
+    rows[21][0] = None  # shares u20's e-mail (same chunk): goes through the profile writer
+    rows[21][1] = rows[20][1]
     path = write_csv(tmp_path / "people.csv", PROFILE_HEADER, rows)
     report = run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t",
                         chunk_rows=4, fmt="csv")
     assert (report.rows_accepted, report.rows_rejected) == (29, 1)
     assert [int(x["row"]) for x in report_lines(report)] == [8]
-    assert count(hub, profiles_table, ws) == 29
+    assert count(hub, profiles_table, ws) == 28
+    with hub.tx() as conn:
+        view = profiles.lookup(conn, ws, "user_id", "u20")
+    assert view["attributes"]["first_name"] == "N21"  # the later record wins
+    assert view["attributes"]["lifetime_value"] == 21  # typed again after the trip
 
 
 def test_parquet_events_with_struct_properties_and_text_times(

@@ -147,10 +147,11 @@ _CSV_JOIN_LINES = 200  # a quoted value may span at most this many lines
 _MAX_ID_CHARS = 255
 _MAX_NAME_CHARS = 200
 _WRITE_BATCH = 20_000  # rows per executemany in the profile chunks
-_BULK_BATCH = 100_000  # rows per transaction in the set-wise phases of events imports
-_SEEN_BATCH = 10_000  # profiles per transaction when widening seen times during appends
+_BULK_BATCH = 50_000  # rows per transaction in the set-wise phases of events imports
+_SEEN_BATCH = 50_000  # profiles per transaction when widening seen times during appends
 _KNOWN_BATCH = 250_000  # identity links read per batch from the state store
 _SQLITE_CACHE_KB = 65_536  # SQLite page cache during set-wise writes
+_STAGE_MEMORY_MB = 384  # DuckDB's memory budget for staging an events import
 _WRITER_BATCH = 2_000  # records per ProfileWriter transaction
 _PARALLEL_ROWS = 100_000  # profile files this large are converted by worker processes
 _PARALLEL_BYTES = 32 << 20
@@ -1230,7 +1231,7 @@ class _Record:
 
     row: int
     ids: tuple[Identity, ...]
-    attributes: dict[str, Any]
+    attributes: dict[str, Any] | None  # None: see ``sqlite[0]`` (records from workers)
     consents: tuple[ConsentUpdate, ...]
     at: datetime
     #: for SQLite, prepared where the row is converted: the ``attributes`` and
@@ -1412,12 +1413,22 @@ def _apply_profiles(ctx: _Context, conn: Connection, records: list[_Record]) -> 
     )
     writer.preload(i for r in rest for i in r.ids)
     for rec in rest:
-        pid = writer.record(list(rec.ids), rec.attributes, at=rec.at, source=SOURCE)
+        attributes = _attributes_of(ctx.schema, rec)
+        pid = writer.record(list(rec.ids), attributes, at=rec.at, source=SOURCE)
         for cu in rec.consents:
             writer.set_consent(pid, cu)
     stats = writer.flush()
     ctx.job.created += stats.created
     ctx.job.merged += stats.merged
+
+
+def _attributes_of(schema: Schema, rec: _Record) -> dict[str, Any]:
+    """A record's attributes; those shipped as their document are typed again by the schema
+    (the same values: validation is idempotent and the document holds them as stored)."""
+    if rec.attributes is not None:
+        return rec.attributes
+    assert rec.sqlite is not None
+    return validate_attributes(schema, orjson.loads(rec.sqlite[0]), path="").value
 
 
 def _insert_fresh(ctx: _Context, conn: Connection, records: list[_Record]) -> None:
@@ -1451,10 +1462,11 @@ def _insert_fresh(ctx: _Context, conn: Connection, records: list[_Record]) -> No
         if lite and rec.sqlite is not None:
             attributes, meta, at = rec.sqlite
         else:
+            given = _attributes_of(ctx.schema, rec)
             at, stamp = when(rec.at), rec.at.isoformat()
-            visible = {k: v for k, v in rec.attributes.items() if v is not None}
+            visible = {k: v for k, v in given.items() if v is not None}
             attributes = document(visible if lite else to_jsonable(visible))
-            meta = document({k: [stamp, SOURCE] for k in sorted(rec.attributes)})
+            meta = document({k: [stamp, SOURCE] for k in sorted(given)})
         rows["attributes"].append(attributes)
         rows["attribute_meta"].append(meta)
         rows["at"].append(at)
@@ -1519,8 +1531,44 @@ def _start_worker(rules: _Rules) -> None:
     _WORKER_RULES[:] = [rules]
 
 
-def _convert_in_worker(piece: _Piece) -> tuple[list[_Record], list[RowError]]:
-    return _profile_records(_WORKER_RULES[0], piece)
+_Packed: TypeAlias = tuple[
+    int, tuple[tuple[str, str], ...], Any, tuple[tuple[str, str, str], ...], datetime, Any
+]
+
+
+def _convert_in_worker(piece: _Piece) -> tuple[list[_Packed], list[RowError]]:
+    records, errors = _profile_records(_WORKER_RULES[0], piece)
+    return _pack(records), errors
+
+
+def _pack(records: list[_Record]) -> list[_Packed]:
+    """Records as plain tuples: they cross process boundaries ten times faster than objects.
+    Attributes travel as their prepared document when there is one."""
+    return [
+        (
+            r.row,
+            tuple((i.namespace, i.value) for i in r.ids),
+            None if r.sqlite is not None else r.attributes,
+            tuple((c.channel, c.purpose, c.status.value) for c in r.consents),
+            r.at,
+            r.sqlite,
+        )
+        for r in records
+    ]
+
+
+def _unpack(packed: list[_Packed]) -> list[_Record]:
+    return [
+        _Record(
+            row,
+            tuple(Identity(ns, value) for ns, value in ids),
+            attributes,
+            tuple(ConsentUpdate(ch, pu, ConsentStatus(st), at, SOURCE) for ch, pu, st in grants),
+            at,
+            prepared,
+        )
+        for row, ids, attributes, grants, at, prepared in packed
+    ]
 
 
 def _converted(
@@ -1553,10 +1601,12 @@ def _converted(
             ahead.append((piece, pool.submit(_convert_in_worker, piece)))
             if len(ahead) > workers:
                 done, future = ahead.popleft()
-                yield (done, *future.result())
+                packed, errors = future.result()
+                yield done, _unpack(packed), errors
         while ahead:
             done, future = ahead.popleft()
-            yield (done, *future.result())
+            packed, errors = future.result()
+            yield done, _unpack(packed), errors
 
 
 def _unseen(pieces: Iterable[_Piece], committed: int) -> Iterator[_Piece]:
@@ -2285,12 +2335,13 @@ class _Background:
 
 
 def _stage_memory_mb() -> int:
-    """DuckDB's budget for staging: an eighth of the machine's memory, 256 MB to 384 MB."""
+    """DuckDB's budget for staging (it spills to disk beyond it): 384 MB, or a quarter of the
+    machine's memory when that is less."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
     except (ValueError, OSError, AttributeError):
         total = 2048
-    return int(min(max(total // 8, 256), 384))
+    return int(min(total // 4, _STAGE_MEMORY_MB))
 
 
 def _work_dir(hub: Hub) -> Path:
@@ -2457,6 +2508,27 @@ def _resolve(ctx: _Context, stage: _Stage) -> None:
             "CREATE OR REPLACE TABLE comp_first AS SELECT tc.c, min(t.first_row) AS first_row "
             "FROM tcomp tc JOIN tuples t USING (tid) GROUP BY tc.c"
         )
+        # what _write_profiles writes, in the order the file first needs it
+        todo = "(cc.cls = 'new' OR (cc.cls = 'attach' AND cc.n_new > 0))"
+        db.execute(
+            "CREATE OR REPLACE TABLE write_plan AS SELECT f.first_row, cc.cls, cp.pid, "
+            "cc.first_ts, cc.last_ts FROM comp_class cc JOIN comp_first f USING (c) "
+            f"LEFT JOIN comp_pid cp USING (c) WHERE {todo} ORDER BY f.first_row"
+        )
+        db.execute(
+            "CREATE OR REPLACE TABLE write_links AS SELECT f.first_row, "
+            "coalesce(cp.pid, cc.owner) AS pid, i.ns, i.value, i.first_ts "
+            "FROM comp_class cc JOIN comp_first f USING (c) LEFT JOIN comp_pid cp USING (c) "
+            f"JOIN ilab il USING (c) JOIN idents i USING (iid) WHERE {todo} "
+            "AND i.owner IS NULL ORDER BY f.first_row, i.ns, i.value"
+        )
+        db.execute(
+            "CREATE OR REPLACE TABLE seen_plan AS SELECT tp.pid, min(t.first_ts) AS fs, "
+            "max(t.last_ts) AS ls FROM tuple_pid tp JOIN tuples t USING (tid) "
+            "WHERE tp.cls <> 'new' GROUP BY tp.pid ORDER BY tp.pid"
+        )
+        for name in ("ilab", "idents", "te", "tcomp", "comp_first", "tuples"):
+            db.execute(f"DROP TABLE IF EXISTS {name}")
     _release_memory()
 
 
@@ -2660,22 +2732,14 @@ def _write_profiles(ctx: _Context, stage: _Stage, written: _Watermark) -> None:
     ws, now, hub = ctx.job.workspace_id, ctx.now, ctx.hub
     cursor = stage.db.cursor()
     try:
-        for batch in stage.batches(
-            "SELECT f.first_row, cc.c, cc.cls, cp.pid, cc.first_ts, cc.last_ts "
-            "FROM comp_class cc JOIN comp_first f USING (c) LEFT JOIN comp_pid cp USING (c) "
-            "WHERE cc.cls = 'new' OR (cc.cls = 'attach' AND cc.n_new > 0) "
-            "ORDER BY f.first_row",
-            size=_BULK_BATCH,
-        ):
-            cursor.register("todo", batch)
-            try:
-                links = cursor.sql(
-                    "SELECT coalesce(t.pid, cc.owner) AS pid, i.ns, i.value, i.first_ts "
-                    "FROM todo t JOIN comp_class cc USING (c) JOIN ilab il USING (c) "
-                    "JOIN idents i USING (iid) WHERE i.owner IS NULL ORDER BY i.ns, i.value"
-                ).to_arrow_table()
-            finally:
-                cursor.unregister("todo")
+        for batch in stage.batches("SELECT * FROM write_plan", size=_BULK_BATCH):
+            first = int(pc.min(batch.column("first_row")).as_py())
+            last = int(pc.max(batch.column("first_row")).as_py())
+            links = cursor.sql(
+                "SELECT pid, ns, value, first_ts FROM write_links "
+                "WHERE first_row >= ? AND first_row <= ? ORDER BY ns, value",
+                params=[first, last],
+            ).to_arrow_table()
             fresh = batch.filter(pc.equal(batch.column("cls"), "new"))
             n = fresh.num_rows
             with _bulk_tx(hub) as conn:
@@ -2696,7 +2760,7 @@ def _write_profiles(ctx: _Context, stage: _Stage, written: _Watermark) -> None:
                 )
                 _insert_links(conn, ws, links, ignore=True)
             ctx.job.created += n
-            written.advance(int(pc.max(batch.column("first_row")).as_py()))
+            written.advance(last)
             del links, fresh
             _release_memory()
     except BaseException as exc:
@@ -2805,11 +2869,7 @@ def _widen_seen(ctx: _Context, stage: _Stage) -> None:
     batched updates that touch only rows that change (so a rerun writes nothing). Runs while
     the events are appended (it changes no identity), in small transactions."""
     ws = ctx.job.workspace_id
-    for batch in stage.batches(
-        "SELECT tp.pid, min(t.first_ts) AS fs, max(t.last_ts) AS ls FROM tuple_pid tp "
-        "JOIN tuples t USING (tid) WHERE tp.cls <> 'new' GROUP BY tp.pid ORDER BY tp.pid",
-        size=_SEEN_BATCH,
-    ):
+    for batch in stage.batches("SELECT pid, fs, ls FROM seen_plan", size=_SEEN_BATCH):
         _update_seen(ctx, ws, batch)
 
 
@@ -3185,10 +3245,12 @@ def run_import(
     maps source columns to targets, overriding :func:`default_target`; ``encoding`` applies to
     CSV and JSON Lines. ``progress(done, total)`` is called after each chunk: ``done`` grows
     to ``total`` (rows; for events two steps per row, reading then committing, so ``total`` is
-    twice the row count) and ``total`` is None while unknown. ``chunk_rows`` bounds the rows
-    held in memory per chunk.
+    twice the row count) and ``total`` is None while unknown. ``chunk_rows`` is the unit of
+    reading and validating, and of the profile transactions; event log appends group up to
+    four chunks (200,000 rows at most, unless a chunk is larger).
 
-    Raises InvalidInput for a file that cannot be imported at all (nothing is written),
+    Raises InvalidInput for a file that cannot be imported at all (nothing is written; a JSON
+    Lines key first seen deep in the file is checked when seen, which fails the import there),
     NotFound for an unknown workspace, Conflict when another process is importing the same
     file, and StoreBusy (events, embedded) when a running server holds the event log.
     """
@@ -3246,11 +3308,11 @@ def run_import(
 
 
 def _workers_for(path: Path, total: int | None) -> int:
-    """Processes converting profile rows for large files: one per core but the one that
-    writes (at most 4); 0 converts in this process."""
+    """Processes converting profile rows for large files: one per core, at most 4 (the
+    writing process mostly waits for them); 0 converts in this process."""
     cpus = os.cpu_count() or 1
     large = (total or 0) >= _PARALLEL_ROWS or path.stat().st_size >= _PARALLEL_BYTES
-    return min(cpus - 1, 4) if cpus > 1 and large else 0
+    return min(cpus, 4) if cpus > 1 and large else 0
 
 
 def _check_workspace(hub: Hub, workspace_id: str) -> None:
