@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -125,12 +124,3 @@ def flush(
     if moved or merges:
         log.debug("flushed inbox", extra={"events": moved, "merges": merges})
     return FlushStats(moved, merges)
-
-
-def oldest_waiting(engine: Engine) -> datetime | None:
-    """When the oldest event still in the inbox was received (``None``: empty)."""
-    with engine.connect() as conn:
-        value = conn.execute(
-            select(event_inbox.c.received_at).order_by(event_inbox.c.seq).limit(1)
-        ).scalar()
-    return value

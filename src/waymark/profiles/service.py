@@ -459,14 +459,3 @@ def privacy_request_status(conn: Connection, workspace_id: str, request_id: str)
         raise NotFound(f"no privacy request {request_id!r}")
     data: dict[str, Any] = to_jsonable(dict(row))
     return data
-
-
-def count_profiles(conn: Connection, workspace_id: str) -> int:
-    """How many profiles a workspace has."""
-    return int(
-        conn.execute(
-            select(func.count())
-            .select_from(profiles)
-            .where(profiles.c.workspace_id == workspace_id)
-        ).scalar_one()
-    )
