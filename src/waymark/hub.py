@@ -47,7 +47,9 @@ class Hub:
         """The event log, opened on first use."""
         with self._lock:
             if self._events is None:
-                self._events = open_event_log(self.settings.events_url)
+                self._events = open_event_log(
+                    self.settings.events_url, memory_mb=self.settings.event_log_memory_mb
+                )
             return self._events
 
     @property

@@ -45,6 +45,12 @@ class Settings(BaseModel):
     max_past_days: int = 3650
     dedup_window_days: int = 30
     flush_interval_ms: int = 1000
+    event_log_memory_mb: int = Field(
+        default=256,
+        ge=64,
+        description="embedded DuckDB event log: memory for its buffer pool and queries, in MB "
+        "(it spills to a folder beside the log beyond that)",
+    )
     identity_graph_limit: int = 50
     source_priority: dict[str, list[str]] = Field(
         default_factory=dict,
