@@ -14,6 +14,7 @@ import asyncio
 import base64
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -32,6 +33,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by process ``pid`` and its children (Linux /proc;
+    0 elsewhere): what the server spends, whatever else the machine runs."""
+    proc = Path("/proc")
+    if not proc.exists():
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the command: state, ppid, ..., utime (index 11), stime (index 12)
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def own_cpu_seconds() -> float:
+    """CPU time used so far by this process (the client)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -175,6 +203,7 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("server did not start")
             time.sleep(0.2)
+        server_cpu, client_cpu = tree_cpu_seconds(server.pid), own_cpu_seconds()
         batched = asyncio.run(
             drive(
                 url,
@@ -184,6 +213,12 @@ def main() -> None:
                 batch=args.batch,
                 users=args.users,
             )
+        )
+        batched["server_cpu_us_per_event"] = round(
+            (tree_cpu_seconds(server.pid) - server_cpu) / batched["events"] * 1e6, 1
+        )
+        batched["client_cpu_us_per_event"] = round(
+            (own_cpu_seconds() - client_cpu) / batched["events"] * 1e6, 1
         )
         single = asyncio.run(
             drive(
@@ -208,7 +243,9 @@ def main() -> None:
     print(
         f"batches of {args.batch}, {args.concurrency} connections: "
         f"{batched['events_per_s']:,} events/s acknowledged durable "
-        f"(p50 {batched['p50_ms']} ms, p99 {batched['p99_ms']} ms per batch)"
+        f"(p50 {batched['p50_ms']} ms, p99 {batched['p99_ms']} ms per batch); CPU per event: "
+        f"server {batched['server_cpu_us_per_event']} µs, client "
+        f"{batched['client_cpu_us_per_event']} µs"
     )
     print(
         f"single events, {args.single_concurrency} connections: "

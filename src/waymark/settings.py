@@ -45,6 +45,13 @@ class Settings(BaseModel):
     max_past_days: int = 3650
     dedup_window_days: int = 30
     flush_interval_ms: int = 1000
+    ingest_workers: int = Field(
+        default=1,
+        ge=0,
+        le=32,
+        description="worker processes of `serve` that parse and store ingested events "
+        "(0: all in the API process)",
+    )
     event_log_memory_mb: int = Field(
         default=256,
         ge=64,

@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -36,8 +35,8 @@ from waymark.api.responses import JSONAnswer
 from waymark.core.errors import InvalidInput, Issue, LimitExceeded, WaymarkError
 from waymark.hub import Hub
 from waymark.ingestion.batcher import GroupCommitter
-from waymark.ingestion.payloads import parse_native_events, parse_segment_call
 from waymark.ingestion.pipeline import Ingestor, limits_of
+from waymark.ingestion.pool import IngestPool, Kind, decode_body, parse_request
 from waymark.ingestion.service import IngestResult
 from waymark.model.events import Identity
 from waymark.profiles import service as profiles
@@ -69,16 +68,6 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(raw) > limit:
             raise LimitExceeded(f"the decompressed body is over the limit of {limit} bytes")
     return raw
-
-
-def parse_json(raw: bytes) -> Any:
-    """Decode a JSON body, naming what is wrong with a malformed one."""
-    if not raw.strip():
-        raise InvalidInput([Issue("", "the body is empty; send a JSON object")])
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput([Issue("", f"malformed JSON: {exc}")], f"malformed JSON: {exc}") from exc
 
 
 def ingest_answer(result: IngestResult) -> JSONAnswer:
@@ -128,7 +117,8 @@ def json_body(description: str) -> dict[str, Any]:
 
 def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
     """Build the API for ``hub``. With ``background``, the app's lifespan also runs the
-    inbox mover and finishes interrupted privacy deletions."""
+    inbox mover, finishes interrupted privacy deletions and (with ``ingest_workers``) starts
+    the ingestion worker processes."""
     keys = KeyCache(hub)
     ingestor = Ingestor(hub)
     limits = limits_of(hub)
@@ -146,6 +136,10 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
         if background:
             from waymark.workers import run_background
 
+            if settings.ingest_workers:
+                state["pool"] = await run_in_threadpool(
+                    IngestPool, settings, settings.ingest_workers
+                )
             task = asyncio.create_task(run_background(hub))
         try:
             yield
@@ -154,6 +148,9 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
                 task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
+            pool: IngestPool | None = state.pop("pool", None)
+            if pool is not None:
+                await run_in_threadpool(pool.close)
             committer.close()
             if background:
                 await run_in_threadpool(ingestor.flush)
@@ -181,6 +178,27 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
             return await run_in_threadpool(ingestor.store_events, workspace_id, parsed)
         return await committer.store(workspace_id, parsed)
 
+    async def ingest(request: Request, kind: Kind, call: str, limit: int) -> Response:
+        """Authenticate, read the body, then parse and store it: in a worker process when
+        there are workers, else here through the group committer."""
+        raw = await read_body(request, limit)
+        key = presented_key(request)
+        pool: IngestPool | None = state.get("pool")
+        data: Any = None
+        if key is None or pool is None:
+            data = decode_body(raw)
+            body_key = data.get("writeKey") if isinstance(data, dict) else None
+            if key is None and kind == "segment" and isinstance(body_key, str):
+                key = body_key
+        p = principal(request, Scope.INGEST, key)
+        received_at = hub.clock.now()
+        if pool is not None:
+            return ingest_answer(await pool.store(kind, call, p.workspace_id, raw, received_at))
+        parsed = parse_request(
+            kind, call, data, workspace_id=p.workspace_id, received_at=received_at, limits=limits
+        )
+        return ingest_answer(await committed(p.workspace_id, parsed))
+
     # -- ingestion -----------------------------------------------------------------------------
 
     def segment_endpoint(call: str) -> Callable[..., Any]:
@@ -188,13 +206,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
             request: Request,
         ) -> Response:
             limit = settings.max_batch_bytes if call == "batch" else settings.max_event_bytes * 2
-            data = parse_json(await read_body(request, limit))
-            body_key = data.get("writeKey") if isinstance(data, dict) else None
-            p = principal(request, Scope.INGEST, body_key if isinstance(body_key, str) else None)
-            parsed = parse_segment_call(
-                call, data, workspace_id=p.workspace_id, received_at=hub.clock.now(), limits=limits
-            )
-            return ingest_answer(await committed(p.workspace_id, parsed))
+            return await ingest(request, "segment", call, limit)
 
         endpoint.__name__ = f"segment_{call}"
         return endpoint
@@ -219,12 +231,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
     async def native_events(
         request: Request,
     ) -> Response:
-        p = principal(request, Scope.INGEST)
-        data = parse_json(await read_body(request, settings.max_batch_bytes))
-        parsed = parse_native_events(
-            data, workspace_id=p.workspace_id, received_at=hub.clock.now(), limits=limits
-        )
-        return ingest_answer(await committed(p.workspace_id, parsed))
+        return await ingest(request, "native", "events", settings.max_batch_bytes)
 
     @app.post(
         "/v1/profiles",
@@ -236,7 +243,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
         request: Request,
     ) -> Response:
         p = principal(request, Scope.INGEST)
-        data = parse_json(await read_body(request, settings.max_batch_bytes))
+        data = decode_body(await read_body(request, settings.max_batch_bytes))
         items = data.get("profiles") if isinstance(data, dict) else None
         if isinstance(items, list) and any(isinstance(i, dict) and "consents" in i for i in items):
             # the public write key ships in web pages: it must not opt people in

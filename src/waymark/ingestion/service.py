@@ -8,7 +8,7 @@ are resolved and the claimed events are written to the inbox. Commit = durable =
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -23,7 +23,7 @@ from waymark.ingestion.payloads import ItemError, Parsed
 from waymark.model.events import Event, EventType, Identity, ProfileRecord, normalize_identity
 from waymark.model.json import unstorable
 from waymark.model.schemas import Schema, validate_attributes, validate_event
-from waymark.storage.hotpath import claim_message_ids, insert_inbox
+from waymark.storage.hotpath import claim_message_ids, insert_inbox, time_converter
 
 _CHUNK = 400
 
@@ -116,32 +116,32 @@ def validate_event_item(schema: Schema, event: Event) -> Event | tuple[Issue, ..
     return replace(event, properties=properties, traits=traits, flags=tuple(flags))
 
 
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value, default=str).decode()
-
-
-def inbox_row(workspace_id: str, profile_id: str, event: Event) -> dict[str, Any]:
-    """The ``event_inbox`` row of an accepted event (JSON columns encoded once, here)."""
+def inbox_row(
+    workspace_id: str, profile_id: str, event: Event, when: Callable[[datetime], Any]
+) -> tuple[Any, ...]:
+    """The ``event_inbox`` row (``INBOX_COLUMNS`` order) of an accepted event: JSON columns
+    encoded once, here; ``when`` converts instants for the store."""
     identities: dict[str, str] = {}
     for identity in event.identities:
         identities.setdefault(identity.namespace, identity.value)
-    return {
-        "workspace_id": workspace_id,
-        "profile_id": profile_id,
-        "message_id": event.message_id,
-        "type": event.type.value,
-        "name": event.name,
-        "timestamp": event.timestamp,
-        "received_at": event.received_at,
-        "identities": _dumps(identities),
-        "properties": _dumps(event.properties),
-        "traits": _dumps(event.traits),
-        "context": _dumps(event.context),
-        "flags": _dumps(list(event.flags)),
-        "source": event.source,
-        "previous_id": event.previous_id,
-        "group_id": event.group_id,
-    }
+    dumps = orjson.dumps
+    return (
+        workspace_id,
+        profile_id,
+        event.message_id,
+        event.type.value,
+        event.name,
+        when(event.timestamp),
+        when(event.received_at),
+        dumps(identities).decode(),
+        dumps(event.properties, default=str).decode(),
+        dumps(event.traits, default=str).decode(),
+        dumps(event.context, default=str).decode(),
+        dumps(list(event.flags)).decode(),
+        event.source,
+        event.previous_id,
+        event.group_id,
+    )
 
 
 def _alias_identity(writer: ProfileWriter, previous_id: str) -> Identity:
@@ -198,7 +198,9 @@ def ingest_events(
         pid = writer.record(ids, traits, at=event.timestamp, source=event.source, tag=index)
         placed.append((pid, event))
     stats = writer.flush()
-    rows = [inbox_row(workspace_id, writer.canonical(pid), event) for pid, event in placed]
+    when = time_converter(conn)
+    canonical = writer.canonical
+    rows = [inbox_row(workspace_id, canonical(pid), event, when) for pid, event in placed]
     insert_inbox(conn, rows)
     result.accepted = len(rows)
     result.accepted_indices = [i for i, _ in fresh]
@@ -206,7 +208,7 @@ def ingest_events(
     result.profiles_merged = stats.merged
     result.conflicts = stats.conflicts
     result.conflict_indices = stats.conflict_tags
-    result.profile_ids = sorted({str(r["profile_id"]) for r in rows})
+    result.profile_ids = sorted({str(r[1]) for r in rows})
     return result
 
 

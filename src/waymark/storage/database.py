@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -21,6 +22,11 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
 from waymark.core.errors import InvalidInput, Issue
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: threads still queue, processes use SQLite's busy wait
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -69,7 +75,10 @@ def create_state_engine(url: str, *, pool_size: int = 8) -> Engine:
             immediate = conn.get_execution_options().get("waymark_write", False)
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
-        _WRITE_LOCKS[engine] = threading.Lock()
+        lock_file = None
+        if parsed.database and parsed.database != ":memory:":
+            lock_file = Path(parsed.database).with_name(Path(parsed.database).name + "-writer")
+        _WRITE_LOCKS[engine] = _WriterLock(lock_file)
 
         return engine
     if backend == "postgresql":
@@ -88,16 +97,45 @@ def create_state_engine(url: str, *, pool_size: int = 8) -> Engine:
     )
 
 
+class _WriterLock:
+    """Writers of one SQLite database queue here before ``BEGIN IMMEDIATE``: threads of this
+    process on a lock, processes (API and ingestion workers) on an ``flock`` of a file beside
+    the database. Both wake a waiter the moment the holder is done; SQLite's own busy handler
+    polls in sleeps of up to 100 ms, far too coarse for group commit."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._thread_lock = threading.Lock()
+        self._path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        if self._path is None or fcntl is None:
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # the GIL is released while waiting
+        except OSError:  # e.g. a read-only folder: SQLite's busy handler still serializes
+            log.debug("no writer lock file at %s", self._path, exc_info=True)
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            if self._fd is not None and fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
 _held = threading.local()
-_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, _WriterLock] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
 def write_tx(engine: Engine) -> Iterator[Connection]:
     """A write transaction, committed when the block ends without error.
 
-    On SQLite, writers of this process queue on a lock before ``BEGIN IMMEDIATE``: SQLite's own
-    busy handler sleeps in steps of up to 100 ms, far too coarse for group commit.
+    On SQLite, writers queue on a :class:`_WriterLock` before ``BEGIN IMMEDIATE``.
     """
     lock = _WRITE_LOCKS.get(engine)
     if lock is not None and getattr(_held, "engine", None) is engine:

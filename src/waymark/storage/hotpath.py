@@ -7,25 +7,16 @@ the inbox) bypass it. Everything else goes through SQLAlchemy Core.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection
 
-from waymark.storage.tables import sqlite_time
+from waymark.storage.tables import read_time, sqlite_time
 
 _CHUNK = 500
-
-
-def _read_time(value: Any) -> datetime:
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _time(conn: Connection, value: datetime) -> Any:
-    return sqlite_time(value) if conn.dialect.name == "sqlite" else value
 
 
 def claim_message_ids(
@@ -39,7 +30,7 @@ def claim_message_ids(
     """
     if not message_ids:
         return set()
-    when = _time(conn, at)
+    when = time_converter(conn)(at)
     if conn.dialect.name == "postgresql":
         rows = conn.exec_driver_sql(
             "INSERT INTO seen_messages (workspace_id, message_id, received_at) "
@@ -88,8 +79,19 @@ INBOX_COLUMNS = (
 )
 
 
-def insert_inbox(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Queue accepted events (``event_inbox`` columns but ``seq``) in one executemany."""
+def time_converter(conn: Connection) -> Callable[[datetime], Any]:
+    """How instants are bound on ``conn``: :func:`sqlite_time` text on SQLite, as they are
+    elsewhere."""
+    return sqlite_time if conn.dialect.name == "sqlite" else _same
+
+
+def _same(value: datetime) -> datetime:
+    return value
+
+
+def insert_inbox(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Queue accepted events in one executemany: rows in ``INBOX_COLUMNS`` order, instants
+    already converted by :func:`time_converter`."""
     if not rows:
         return
     mark = "%s" if conn.dialect.name == "postgresql" else "?"
@@ -97,11 +99,7 @@ def insert_inbox(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         f"INSERT INTO event_inbox ({', '.join(INBOX_COLUMNS)}) "
         f"VALUES ({', '.join([mark] * len(INBOX_COLUMNS))})"
     )
-    times = ("timestamp", "received_at")
-    conn.exec_driver_sql(
-        sql,
-        [tuple(_time(conn, r[c]) if c in times else r[c] for c in INBOX_COLUMNS) for r in rows],
-    )
+    conn.exec_driver_sql(sql, list(rows))
 
 
 def _marks(conn: Connection) -> str:
@@ -117,23 +115,11 @@ def insert_profiles(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     created_at)`` tuples; ``updated_at`` is ``created_at``."""
     if not rows:
         return
-    m, j = _marks(conn), _json_mark(conn)
+    m, j, t = _marks(conn), _json_mark(conn), time_converter(conn)
     conn.exec_driver_sql(
         "INSERT INTO profiles (id, workspace_id, attributes, attribute_meta, first_seen, "
         f"last_seen, created_at, updated_at) VALUES ({m}, {m}, {j}, {j}, {m}, {m}, {m}, {m})",
-        [
-            (
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                _time(conn, r[4]),
-                _time(conn, r[5]),
-                _time(conn, r[6]),
-                _time(conn, r[6]),
-            )
-            for r in rows
-        ],
+        [(r[0], r[1], r[2], r[3], t(r[4]), t(r[5]), t(r[6]), t(r[6])) for r in rows],
     )
 
 
@@ -142,12 +128,12 @@ def update_profiles(conn: Connection, rows: Sequence[tuple[Any, ...]], now: date
     last_seen)`` tuples."""
     if not rows:
         return
-    m, j = _marks(conn), _json_mark(conn)
-    when = _time(conn, now)
+    m, j, t = _marks(conn), _json_mark(conn), time_converter(conn)
+    when = t(now)
     conn.exec_driver_sql(
         f"UPDATE profiles SET attributes = {j}, attribute_meta = {j}, first_seen = {m}, "
         f"last_seen = {m}, updated_at = {m} WHERE workspace_id = {m} AND id = {m}",
-        [(r[2], r[3], _time(conn, r[4]), _time(conn, r[5]), when, r[0], r[1]) for r in rows],
+        [(r[2], r[3], t(r[4]), t(r[5]), when, r[0], r[1]) for r in rows],
     )
 
 
@@ -157,14 +143,14 @@ def touch_profiles(
     """Widen ``first_seen``/``last_seen`` of profiles to ``(id, earliest, latest)``."""
     if not touches:
         return
-    m = _marks(conn)
+    m, t = _marks(conn), time_converter(conn)
     conn.exec_driver_sql(
         f"UPDATE profiles SET first_seen = CASE WHEN first_seen > {m} THEN {m} "
         f"ELSE first_seen END, last_seen = CASE WHEN last_seen < {m} THEN {m} "
         f"ELSE last_seen END WHERE workspace_id = {m} AND id = {m}",
         [
             (first, first, last, last, workspace_id, pid)
-            for pid, first, last in ((p, _time(conn, f), _time(conn, la)) for p, f, la in touches)
+            for pid, first, last in ((p, t(f), t(la)) for p, f, la in touches)
         ],
     )
 
@@ -174,12 +160,12 @@ def upsert_links(conn: Connection, rows: Sequence[tuple[str, str, str, str, date
     re-pointed."""
     if not rows:
         return
-    m = _marks(conn)
+    m, t = _marks(conn), time_converter(conn)
     conn.exec_driver_sql(
         "INSERT INTO identities (workspace_id, namespace, value, profile_id, first_seen) "
         f"VALUES ({m}, {m}, {m}, {m}, {m}) ON CONFLICT (workspace_id, namespace, value) "
         "DO UPDATE SET profile_id = excluded.profile_id, first_seen = excluded.first_seen",
-        [(w, n, v, p, _time(conn, f)) for w, n, v, p, f in rows],
+        [(w, n, v, p, t(f)) for w, n, v, p, f in rows],
     )
 
 
@@ -205,7 +191,7 @@ def find_owners(
                 f"AND namespace = ? AND value IN ({','.join('?' * len(chunk))})",
                 (workspace_id, namespace, *chunk),
             )
-        found.extend((r[0], r[1], _read_time(r[2])) for r in rows)
+        found.extend((r[0], r[1], read_time(r[2])) for r in rows)
     return found
 
 
@@ -245,14 +231,14 @@ def read_profile(
     row = {
         "id": found[0],
         "attributes": attributes or {},
-        "first_seen": _read_time(found[2]),
-        "last_seen": _read_time(found[3]),
-        "created_at": _read_time(found[4]),
-        "updated_at": _read_time(found[5]),
+        "first_seen": read_time(found[2]),
+        "last_seen": read_time(found[3]),
+        "created_at": read_time(found[4]),
+        "updated_at": read_time(found[5]),
     }
     # no ORDER BY: it would steer SQLite onto the primary key instead of the profile index
     links = sorted(
-        (r[0], r[1], _read_time(r[2]))
+        (r[0], r[1], read_time(r[2]))
         for r in conn.exec_driver_sql(
             "SELECT namespace, value, first_seen FROM identities "
             f"WHERE workspace_id = {m} AND profile_id = {m}",
@@ -260,7 +246,7 @@ def read_profile(
         )
     )
     consents = sorted(
-        (r[0], r[1], r[2], _read_time(r[3]), r[4])
+        (r[0], r[1], r[2], read_time(r[3]), r[4])
         for r in conn.exec_driver_sql(
             "SELECT channel, purpose, status, updated_at, source FROM consents "
             f"WHERE workspace_id = {m} AND profile_id = {m}",

@@ -1,0 +1,184 @@
+"""Ingestion worker processes: the same outcomes as the API process's own committer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from waymark.access import service as access
+from waymark.core.errors import InvalidInput
+from waymark.hub import Hub
+from waymark.ingestion.pool import IngestPool, WorkerFailed
+from waymark.ingestion.service import IngestResult
+from waymark.profiles import service as profiles
+
+
+@pytest.fixture
+def pool(hub: Hub) -> Iterator[IngestPool]:
+    p = IngestPool(hub.settings, 1)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _workspace(hub: Hub) -> str:
+    with hub.tx() as conn:
+        ws, _w, _a = access.create_workspace(conn, name="shop", actor="t", at=hub.clock.now())
+    return ws.id
+
+
+def _batch(*ids: str) -> bytes:
+    return orjson.dumps(
+        {
+            "batch": [
+                {
+                    "type": "track",
+                    "event": "product_view",
+                    "messageId": mid,
+                    "userId": f"user-{mid}",
+                    "properties": {"sku": "S1"},
+                }
+                for mid in ids
+            ]
+        }
+    )
+
+
+def _store(pool: IngestPool, hub: Hub, ws: str, raw: bytes, call: str = "batch") -> IngestResult:
+    return asyncio.run(pool.store("segment", call, ws, raw, hub.clock.now()))
+
+
+def test_a_worker_stores_a_batch_durably_and_a_retry_adds_nothing(
+    hub: Hub, pool: IngestPool
+) -> None:
+    ws = _workspace(hub)
+    first = _store(pool, hub, ws, _batch("m1", "m2", "m3"))
+    assert (first.accepted, first.duplicates) == (3, 0)
+    again = _store(pool, hub, ws, _batch("m1", "m2", "m3"))
+    assert (again.accepted, again.duplicates) == (0, 3)
+    # committed by the worker, so this process sees it at once
+    with hub.engine.connect() as conn:
+        found = profiles.lookup(conn, ws, "user_id", "user-m2")
+    assert [(i["namespace"], i["value"]) for i in found["identities"]] == [("user_id", "user-m2")]
+
+
+def test_bad_items_are_reported_and_a_malformed_body_is_an_error_with_its_reason(
+    hub: Hub, pool: IngestPool
+) -> None:
+    ws = _workspace(hub)
+    mixed = orjson.dumps(
+        {
+            "batch": [
+                {"type": "track", "event": "a", "messageId": "ok-1", "userId": "u1"},
+                {"type": "track", "event": "b", "messageId": "bad-1"},  # no identity
+            ]
+        }
+    )
+    result = _store(pool, hub, ws, mixed)
+    assert result.accepted == 1
+    assert [e.index for e in result.rejected] == [1]
+    with pytest.raises(InvalidInput) as caught:
+        _store(pool, hub, ws, b'{"batch": [')
+    assert "malformed JSON" in str(caught.value)
+    with pytest.raises(InvalidInput) as empty:
+        _store(pool, hub, ws, b'{"batch": []}')
+    assert empty.value.issues[0].path == "batch"
+
+
+def test_concurrent_requests_are_each_answered_with_their_own_outcome(
+    hub: Hub, pool: IngestPool
+) -> None:
+    ws = _workspace(hub)
+
+    async def many() -> list[IngestResult]:
+        return await asyncio.gather(
+            *(
+                pool.store("segment", "batch", ws, _batch(f"c{n}-a", f"c{n}-b"), hub.clock.now())
+                for n in range(40)
+            )
+        )
+
+    results = asyncio.run(many())
+    assert [r.accepted for r in results] == [2] * 40
+    assert sum(len(r.accepted_indices) for r in results) == 80
+
+
+def test_a_dead_worker_fails_its_request_and_is_replaced(hub: Hub, pool: IngestPool) -> None:
+    ws = _workspace(hub)
+    assert _store(pool, hub, ws, _batch("before")).accepted == 1
+    worker = pool._workers[0]
+    assert worker.process.pid is not None
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.join(10)
+    worker.reader.join(10)
+    # the next request goes to a new worker; the one killed is not used again
+    assert _store(pool, hub, ws, _batch("after")).accepted == 1
+    assert pool._workers[0] is not worker
+
+
+def test_requests_in_flight_when_a_worker_dies_are_answered_with_an_error(hub: Hub) -> None:
+    pool = IngestPool(hub.settings, 1)
+    try:
+        ws = _workspace(hub)
+        worker = pool._workers[0]
+
+        async def send_then_kill() -> None:
+            pending = asyncio.ensure_future(
+                pool.store("segment", "batch", ws, _batch("k1"), hub.clock.now())
+            )
+            await asyncio.sleep(0)  # the request is in the pipe
+            assert worker.process.pid is not None
+            os.kill(worker.process.pid, signal.SIGKILL)
+            try:
+                await asyncio.wait_for(pending, 30)
+            except WorkerFailed:
+                return  # killed before it answered: the client retries
+            # or it answered first: then it was stored
+
+        asyncio.run(send_then_kill())
+    finally:
+        pool.close()
+
+
+def test_the_api_hands_ingestion_to_its_workers_with_the_same_answers(hub: Hub) -> None:
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from waymark.api.app import create_app
+
+    with hub.tx() as conn:
+        ws, write, _admin = access.create_workspace(
+            conn, name="shop", actor="t", at=hub.clock.now()
+        )
+    basic = {"Authorization": "Basic " + base64.b64encode(f"{write.secret}:".encode()).decode()}
+    assert hub.settings.ingest_workers >= 1
+    with TestClient(create_app(hub, background=True)) as client:
+        ok = client.post("/v1/batch", content=_batch("api-1", "api-2"), headers=basic)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["accepted"] == 2
+        # the write key in the body, as some Segment clients send it
+        body = orjson.dumps({"writeKey": write.secret, "userId": "u9", "event": "x"})
+        assert client.post("/v1/track", content=body).json()["accepted"] == 1
+        bad = client.post("/v1/batch", content=b"{nope", headers=basic)
+        assert bad.status_code == 400
+        assert "malformed JSON" in bad.text
+        denied = client.post(
+            "/v1/batch", content=_batch("api-3"), headers={"Authorization": "Basic eDo="}
+        )
+        assert denied.status_code == 401
+        native = client.post(
+            "/v1/events",
+            content=orjson.dumps({"events": [{"event": "y", "identities": {"user_id": "n1"}}]}),
+            headers=basic,
+        )
+        assert native.status_code == 200, native.text
+        assert native.json()["accepted"] == 1
+    with hub.engine.connect() as conn:
+        assert profiles.lookup(conn, ws.id, "user_id", "n1")["id"]
