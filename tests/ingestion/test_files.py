@@ -36,8 +36,13 @@ def ws(hub: Hub) -> str:
         workspace, _w, _a = access.create_workspace(
             conn, name="shop", actor="test", at=hub.clock.now()
         )
-        save_schema(conn, workspace_id=workspace.id, document=load_demo_schema(), actor="t",
-                    at=hub.clock.now())
+        save_schema(
+            conn,
+            workspace_id=workspace.id,
+            document=load_demo_schema(),
+            actor="t",
+            at=hub.clock.now(),
+        )
     return workspace.id
 
 
@@ -103,7 +108,12 @@ def message_ids(hub: Hub, ws: str) -> list[str]:
 # -- profiles -----------------------------------------------------------------------------------
 
 PROFILE_HEADER = (
-    "user_id", "email", "phone", "first_name", "lifetime_value", "consent.email.marketing",
+    "user_id",
+    "email",
+    "phone",
+    "first_name",
+    "lifetime_value",
+    "consent.email.marketing",
     "updated_at",
 )
 
@@ -122,7 +132,9 @@ def check_profiles(hub: Hub, ws: str) -> None:
         ann = profiles.lookup(conn, ws, "user_id", "u1")
         bob = profiles.lookup(conn, ws, "user_id", "u2")
     assert identity_set(ann) == {
-        ("user_id", "u1"), ("email", "ann@example.com"), ("phone", "+4915112345678"),
+        ("user_id", "u1"),
+        ("email", "ann@example.com"),
+        ("phone", "+4915112345678"),
         ("phone", "+14155550123"),
     }
     assert ann["attributes"]["first_name"] == "Annie"  # the later record wins
@@ -140,11 +152,18 @@ def test_profiles_csv_with_consents_and_identity_linking(hub: Hub, ws: str, tmp_
     path = write_csv(tmp_path / "people.csv", PROFILE_HEADER, profile_rows(hub))
     seen: list[tuple[int, int | None]] = []
     report = run_import(
-        hub, workspace_id=ws, kind="profiles", path=path, actor="t",
+        hub,
+        workspace_id=ws,
+        kind="profiles",
+        path=path,
+        actor="t",
         progress=lambda done, total: seen.append((done, total)),
     )
     assert (report.status, report.rows_read, report.rows_accepted, report.rows_rejected) == (
-        "done", 3, 3, 0
+        "done",
+        3,
+        3,
+        0,
     )
     assert report.error_report is None and not (tmp_path / "people.csv.errors.csv").exists()
     assert seen and seen[-1][0] == 3
@@ -209,14 +228,11 @@ def test_mapping_overrides(hub: Hub, ws: str, tmp_path: Path) -> None:
     with hub.tx() as conn:
         view = profiles.lookup(conn, ws, "crm_id", "c-1")
     assert identity_set(view) == {("crm_id", "c-1"), ("email", "c1@example.com")}
-    assert view["attributes"] == {
-        "email": "c1@example.com", "lifetime_value": 7, "loyalty": "gold"
-    }
+    assert view["attributes"] == {"email": "c1@example.com", "lifetime_value": 7, "loyalty": "gold"}
     assert view["consents"][0]["purpose"] == "newsletter"
     unmapped = {k: v for k, v in mapping.items() if k != "Customer ID"}
     with pytest.raises(InvalidInput, match="map it"):  # by default it would be an attribute
-        run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t",
-                   mapping=unmapped)
+        run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t", mapping=unmapped)
     for change, problem in (
         ({"missing": "ignore"}, "no column"),
         ({"junk": "nonsense"}, "unknown target"),
@@ -224,8 +240,14 @@ def test_mapping_overrides(hub: Hub, ws: str, tmp_path: Path) -> None:
         ({"ltv": "message_id"}, "does not apply"),
     ):
         with pytest.raises(InvalidInput, match=problem):
-            run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t",
-                       mapping={**mapping, **change})
+            run_import(
+                hub,
+                workspace_id=ws,
+                kind="profiles",
+                path=path,
+                actor="t",
+                mapping={**mapping, **change},
+            )
 
 
 def test_bad_rows_are_reported_and_the_rest_kept(hub: Hub, ws: str, tmp_path: Path) -> None:
@@ -244,8 +266,11 @@ def test_bad_rows_are_reported_and_the_rest_kept(hub: Hub, ws: str, tmp_path: Pa
     got = {(int(x["row"]), x["field"]) for x in lines}
     assert got == {
         (2, "user_id/email/phone"),
-        (3, "email"), (3, "lifetime_value"), (3, "consent.email.marketing"),
-        (4, "phone"), (4, "updated_at"),
+        (3, "email"),
+        (3, "lifetime_value"),
+        (3, "consent.email.marketing"),
+        (4, "phone"),
+        (4, "updated_at"),
     }
     reasons = {(int(x["row"]), x["field"]): x["reason"] for x in lines}
     assert "no identity" in reasons[(2, "user_id/email/phone")]
@@ -289,15 +314,21 @@ def test_wrong_encoding_rejects_the_rows_it_breaks(hub: Hub, ws: str, tmp_path: 
     # workspace: in this one the file counts as imported)
     other = other_workspace(hub)
     again = run_import(
-        hub, workspace_id=other, kind="profiles", path=path, actor="t", encoding="latin-1",
+        hub,
+        workspace_id=other,
+        kind="profiles",
+        path=path,
+        actor="t",
+        encoding="latin-1",
         error_report=tmp_path / "latin1-again.csv",
     )
     assert (again.rows_accepted, again.rows_rejected, again.error_report) == (4, 0, None)
     with hub.tx() as conn:
         assert profiles.lookup(conn, other, "user_id", "u2")["attributes"]["city"] == "Málaga"
     with pytest.raises(InvalidInput, match="encoding"):
-        run_import(hub, workspace_id=other, kind="profiles", path=path, actor="t",
-                   encoding="utf-16")
+        run_import(
+            hub, workspace_id=other, kind="profiles", path=path, actor="t", encoding="utf-16"
+        )
 
 
 def test_parquet_with_wrong_column_types(hub: Hub, ws: str, tmp_path: Path) -> None:
@@ -313,7 +344,8 @@ def test_parquet_with_wrong_column_types(hub: Hub, ws: str, tmp_path: Path) -> N
     report = run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t")
     assert (report.rows_accepted, report.rows_rejected) == (1, 2)
     assert [(int(x["row"]), x["field"]) for x in report_lines(report)] == [
-        (2, "lifetime_value"), (3, "updated_at")
+        (2, "lifetime_value"),
+        (3, "updated_at"),
     ]
     with hub.tx() as conn:
         view = profiles.lookup(conn, ws, "user_id", "1")
@@ -353,8 +385,10 @@ def test_rerun_is_idempotent(hub: Hub, ws: str, tmp_path: Path) -> None:
 def test_interrupted_profile_import_resumes(
     hub: Hub, ws: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rows = [[f"u{i}", None, None, f"N{i}", "nope" if i == 1 else str(i), None, stamp(hub, i)]
-            for i in range(10)]
+    rows = [
+        [f"u{i}", None, None, f"N{i}", "nope" if i == 1 else str(i), None, stamp(hub, i)]
+        for i in range(10)
+    ]
     path = write_csv(tmp_path / "people.csv", PROFILE_HEADER, rows)
     real = files._apply_profiles
     calls = {"n": 0}
@@ -372,8 +406,7 @@ def test_interrupted_profile_import_resumes(
     with hub.tx() as conn:
         row = conn.execute(select(imports)).mappings().one()
     assert row["status"] == "failed" and 0 < row["rows_committed"] < 10
-    resumed = run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t",
-                         chunk_rows=2)
+    resumed = run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t", chunk_rows=2)
     assert (resumed.rows_read, resumed.rows_accepted, resumed.rows_rejected) == (10, 9, 1)
     assert count(hub, profiles_table, ws) == 9
     assert [int(x["row"]) for x in report_lines(resumed)] == [2]
@@ -447,7 +480,11 @@ def test_events_join_known_profiles_and_columns_become_properties(
         ],
     )
     report = run_import(
-        hub, workspace_id=ws, kind="events", path=path, actor="t",
+        hub,
+        workspace_id=ws,
+        kind="events",
+        path=path,
+        actor="t",
         mapping={"when": "timestamp"},
     )
     assert (report.rows_accepted, report.profiles_created) == (2, 0)
@@ -461,9 +498,16 @@ def test_events_join_known_profiles_and_columns_become_properties(
 
 def test_event_problems(hub: Hub, ws: str, tmp_path: Path) -> None:
     with hub.tx() as conn:
-        save_schema(conn, workspace_id=ws, actor="t", at=hub.clock.now(), document={
-            "events": {"purchase": {"properties": {"revenue": {"type": "number"}}}},
-            "unknown_events": "reject"})
+        save_schema(
+            conn,
+            workspace_id=ws,
+            actor="t",
+            at=hub.clock.now(),
+            document={
+                "events": {"purchase": {"properties": {"revenue": {"type": "number"}}}},
+                "unknown_events": "reject",
+            },
+        )
     rows = [
         ["e1", "track", "purchase", stamp(hub, 1), "u1", None, '{"revenue": 12.5}'],
         ["e2", "track", "purchase", stamp(hub, 2), "u1", None, '{"revenue": "lots"}'],
@@ -480,7 +524,10 @@ def test_event_problems(hub: Hub, ws: str, tmp_path: Path) -> None:
     path = write_csv(tmp_path / "events.csv", EVENT_HEADER, rows)
     report = run_import(hub, workspace_id=ws, kind="events", path=path, actor="t")
     assert (report.rows_read, report.rows_accepted, report.rows_rejected, report.rows_skipped) == (
-        11, 1, 9, 1
+        11,
+        1,
+        9,
+        1,
     )
     fields = {int(x["row"]): (x["field"], x["reason"]) for x in report_lines(report)}
     assert fields[2][0] == "properties.revenue" and "number" in fields[2][1]
@@ -499,10 +546,18 @@ def test_identify_traits_become_attributes(hub: Hub, ws: str, tmp_path: Path) ->
     path = write_jsonl(
         tmp_path / "events.jsonl",
         [
-            {"type": "identify", "timestamp": stamp(hub, 1), "user_id": "u1",
-             "traits": {"plan": "pro", "email": "u1@example.com"}},
-            {"type": "identify", "timestamp": stamp(hub, 2), "user_id": "u1",
-             "traits": {"plan": "plus"}},
+            {
+                "type": "identify",
+                "timestamp": stamp(hub, 1),
+                "user_id": "u1",
+                "traits": {"plan": "pro", "email": "u1@example.com"},
+            },
+            {
+                "type": "identify",
+                "timestamp": stamp(hub, 2),
+                "user_id": "u1",
+                "traits": {"plan": "plus"},
+            },
         ],
     )
     report = run_import(hub, workspace_id=ws, kind="events", path=path, actor="t")
@@ -562,10 +617,12 @@ def test_a_crash_after_the_log_append_neither_loses_nor_duplicates(
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_demo_files_load_unchanged(hub: Hub, ws: str, tmp_path: Path, fmt: str) -> None:
     summary = generate(tmp_path / "demo", profiles=12, end=hub.clock.now(), fmt=fmt)  # type: ignore[arg-type]
-    people = run_import(hub, workspace_id=ws, kind="profiles", actor="t",
-                        path=tmp_path / "demo" / f"profiles.{fmt}")
-    events = run_import(hub, workspace_id=ws, kind="events", actor="t",
-                        path=tmp_path / "demo" / f"events.{fmt}")
+    people = run_import(
+        hub, workspace_id=ws, kind="profiles", actor="t", path=tmp_path / "demo" / f"profiles.{fmt}"
+    )
+    events = run_import(
+        hub, workspace_id=ws, kind="events", actor="t", path=tmp_path / "demo" / f"events.{fmt}"
+    )
     assert (people.rows_accepted, people.rows_rejected) == (12, 0)
     assert (events.rows_accepted, events.rows_rejected) == (summary.events, 0)
     assert events.profiles_created == summary.anonymous_visitors
@@ -576,21 +633,26 @@ def test_demo_files_load_unchanged(hub: Hub, ws: str, tmp_path: Path, fmt: str) 
 def test_error_report_columns_and_custom_path(hub: Hub, ws: str, tmp_path: Path) -> None:
     path = write_csv(tmp_path / "in.csv", ["user_id", "plan"], [["u1", "pro"], [None, "free"]])
     target = tmp_path / "reports" / "bad.csv"
-    report = run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t",
-                        error_report=target)
+    report = run_import(
+        hub, workspace_id=ws, kind="profiles", path=path, actor="t", error_report=target
+    )
     assert report.error_report == str(target)
     assert target.read_text(encoding="utf-8").splitlines()[0] == "row,field,reason"
     assert report.to_json()["rows_rejected"] == 1
     with pytest.raises(InvalidInput, match="format"):
-        run_import(hub, workspace_id=ws, kind="profiles", path=tmp_path / "in.csv",
-                   actor="t", fmt="xlsx")
+        run_import(
+            hub, workspace_id=ws, kind="profiles", path=tmp_path / "in.csv", actor="t", fmt="xlsx"
+        )
 
 
 def test_json_lines_without_identity_or_time_reject_rows(hub: Hub, ws: str, tmp_path: Path) -> None:
     path = write_jsonl(
         tmp_path / "events.jsonl",
-        [{"event": "tap", "note": "nobody"}, {"event": "tap", "user_id": "u1"},
-         {"event": "tap", "user_id": "u1", "timestamp": stamp(hub, 1)}],
+        [
+            {"event": "tap", "note": "nobody"},
+            {"event": "tap", "user_id": "u1"},
+            {"event": "tap", "user_id": "u1", "timestamp": stamp(hub, 1)},
+        ],
     )
     report = run_import(hub, workspace_id=ws, kind="events", path=path, actor="t")
     assert (report.rows_accepted, report.rows_rejected) == (1, 2)
@@ -612,14 +674,17 @@ def test_large_profile_files_are_converted_by_worker_processes(
     hub: Hub, ws: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(files, "_PARALLEL_ROWS", 1)
-    rows = [[f"u{i}", f"p{i}@example.com", None, f"N{i}", str(i), "opted_in", stamp(hub, i)]
-            for i in range(30)]
+    rows = [
+        [f"u{i}", f"p{i}@example.com", None, f"N{i}", str(i), "opted_in", stamp(hub, i)]
+        for i in range(30)
+    ]
     rows[7][1] = "not-an-email"
     rows[21][0] = None  # shares u20's e-mail (same chunk): goes through the profile writer
     rows[21][1] = rows[20][1]
     path = write_csv(tmp_path / "people.csv", PROFILE_HEADER, rows)
-    report = run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t",
-                        chunk_rows=4, fmt="csv")
+    report = run_import(
+        hub, workspace_id=ws, kind="profiles", path=path, actor="t", chunk_rows=4, fmt="csv"
+    )
     assert (report.rows_accepted, report.rows_rejected) == (29, 1)
     assert [int(x["row"]) for x in report_lines(report)] == [8]
     assert count(hub, profiles_table, ws) == 28
@@ -639,8 +704,11 @@ def test_parquet_events_with_struct_properties_and_text_times(
             "timestamp": pa.array([stamp(hub, 1), "31/12/2025", stamp(hub, 3)]),
             "anonymous_id": pa.array(["d1", "d1", "d1"]),
             "properties": pa.array(
-                [{"sku": "A1", "price": 5.0}, {"sku": "A2", "price": 6.0},
-                 {"sku": "A3", "price": 7.5}],
+                [
+                    {"sku": "A1", "price": 5.0},
+                    {"sku": "A2", "price": 6.0},
+                    {"sku": "A3", "price": 7.5},
+                ],
                 pa.struct([("sku", pa.string()), ("price", pa.float64())]),
             ),
             "session": pa.array([7, 7, 8], pa.int64()),  # any other column is a property
@@ -653,5 +721,6 @@ def test_parquet_events_with_struct_properties_and_text_times(
         pid = profiles.lookup(conn, ws, "anonymous_id", "d1")["id"]
         events = profiles.timeline(conn, hub.events, ws, pid)
     assert [e["properties"] for e in events] == [
-        {"sku": "A3", "price": 7.5, "session": 8}, {"sku": "A1", "price": 5.0, "session": 7}
+        {"sku": "A3", "price": 7.5, "session": 8},
+        {"sku": "A1", "price": 5.0, "session": 7},
     ]
