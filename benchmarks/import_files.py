@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where to put data (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files and data")
     parser.add_argument(
-        "--reuse", action="store_true", help="reuse files generated earlier in --workdir"
+        "--reuse",
+        action="store_true",
+        help="reuse files generated earlier in --workdir (and, with --keep, the data folder "
+        "as it was after the profiles step)",
     )
     args = parser.parse_args(argv)
 
@@ -196,9 +199,19 @@ def main(argv: list[str] | None = None) -> int:
             f"generated {generated['profiles']:,} profiles and {generated['events']:,} events "
             f"({args.format}) in {generated['seconds']:.1f} s"
         )
-        people = _in_child(
-            _import, str(data), str(source), "profiles", args.format, args.chunk_rows
-        )
+        snapshot = root / "data-after-profiles"
+        if args.reuse and args.keep and snapshot.is_dir():  # skip the profiles step
+            shutil.copytree(snapshot, data)
+            people = json.loads((snapshot / "profiles-step.json").read_text())
+            print("profiles: reused the data folder of an earlier run")
+        else:
+            people = _in_child(
+                _import, str(data), str(source), "profiles", args.format, args.chunk_rows
+            )
+            if args.keep:
+                shutil.rmtree(snapshot, ignore_errors=True)
+                shutil.copytree(data, snapshot)
+                (snapshot / "profiles-step.json").write_text(json.dumps(people))
         print(
             f"profiles: {people['report']['rows_accepted']:,} in {people['seconds']:.1f} s = "
             f"{people['rows_per_second']:,.0f} profiles/s, peak RSS {people['peak_rss_mb']:.0f} MB"
