@@ -156,9 +156,11 @@ _WRITER_BATCH = 2_000  # records per ProfileWriter transaction
 _PARALLEL_ROWS = 100_000  # profile files this large are converted by worker processes
 _PARALLEL_BYTES = 32 << 20
 _APPEND_ROWS = 200_000  # rows per event log append (DuckDB appends best in large batches)
+_VALIDATE_THREADS = 4  # at most, one per core
 _CHECK_CACHE = 50_000  # distinct (event, properties) validations remembered
 _IMPORTABLE_TYPES = (EventType.TRACK, EventType.IDENTIFY, EventType.PAGE, EventType.SCREEN)
 _CONSENT_WORDS = {s.value for s in ConsentStatus}
+_PLAN_LOCK = threading.Lock()  # validating threads share one _Plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1934,18 +1936,29 @@ def _field_of_path(path: str, base: str, property_columns: Mapping[str, str]) ->
     return f"{base}.{rest}" if rest else base
 
 
+def _has_quote_or_backslash(array: pa.Array) -> bool:
+    """Whether any value of a string array may contain ``"`` or ``\\`` (one scan of its
+    bytes; True when unsure)."""
+    if not len(array) or array.null_count == len(array):
+        return False
+    if array.type != pa.string() or array.buffers()[2] is None:
+        return True
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[
+        array.offset : array.offset + len(array) + 1
+    ]
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return bool(np.any((data == ord('"')) | (data == ord("\\"))))
+
+
 def _identities_object(values: Mapping[str, pa.Array]) -> pa.Array:
     """Per row, the JSON object of its identities (``{"user_id": "u1", ...}``; no nulls)."""
     parts: list[pa.Array] = []
     for namespace, given in values.items():
         array = given
-        unsafe = pc.fill_null(
-            pc.or_(
-                pc.invert(pc.ascii_is_printable(array)),
-                pc.or_(pc.match_substring(array, '"'), pc.match_substring(array, "\\")),
-            ),
-            False,
-        )
+        unsafe = pc.fill_null(pc.invert(pc.ascii_is_printable(array)), False)
+        if _has_quote_or_backslash(array):  # rare: look row by row
+            quoted = pc.or_(pc.match_substring(array, '"'), pc.match_substring(array, "\\"))
+            unsafe = pc.or_(unsafe, pc.fill_null(quoted, False))
         if pc.any(unsafe).as_py():
             texts = array.to_pylist()
             for index in np.flatnonzero(np.asarray(unsafe)):
@@ -1966,7 +1979,8 @@ def _stage_events(ctx: _Context, piece: _Piece) -> tuple[pa.Table, list[RowError
     table = piece.table
     n = table.num_rows
     rejects = _Rejects(piece.rows)
-    targets = {c: plan.target(c) for c in table.column_names}
+    with _PLAN_LOCK:  # (a JSON Lines column first seen here extends the plan)
+        targets = {c: plan.target(c) for c in table.column_names}
 
     def column(what: str) -> str | None:
         return next((c for c, t in targets.items() if t.what == what), None)
@@ -2033,7 +2047,11 @@ def _stage_events(ctx: _Context, piece: _Piece) -> tuple[pa.Table, list[RowError
         rejects.add_mask(np.ones(n, dtype=np.bool_), "timestamp", "is required")
     else:
         stamps = _times(
-            ctx, rejects, time_col, array(time_col), time_col in piece.json,
+            ctx,
+            rejects,
+            time_col,
+            array(time_col),
+            time_col in piece.json,
             time_col in piece.text,
         )
 
@@ -2213,11 +2231,13 @@ class _Stage:
     """The temporary store of one events import, removed when it ends: the rows' log columns
     in an Arrow file (one record batch per chunk, in row order) and, in DuckDB, the narrow
     columns identity resolution works on (``staged``), then the identity tuples and profiles.
-    DuckDB keeps to a memory budget and spills to the folder beyond it."""
+    DuckDB (in memory) keeps to a memory budget and spills to the folder beyond it."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.db = duckdb.connect(str(directory / "stage.duckdb"))
+        # in memory (spilling to the folder): a database file would write every row twice
+        # (its WAL, then a checkpoint) for data that never outlives the import
+        self.db = duckdb.connect(":memory:")
         spill = directory / "spill"
         spill.mkdir(exist_ok=True)
         self.db.execute(f"SET threads = {max(os.cpu_count() or 1, 1)}")
@@ -3118,6 +3138,42 @@ def _dedupe(stage: _Stage) -> None:
         stage.db.execute("DELETE FROM staged WHERE row IN (SELECT row FROM dups)")
 
 
+def _validated(
+    ctx: _Context, pieces: Iterable[_Piece]
+) -> Iterator[tuple[int, pa.Table, list[RowError]]]:
+    """``(last row, staging columns, errors)`` of each piece, in file order. Pieces are
+    validated by one thread per core, a piece ahead each: most of the work is Arrow compute,
+    which runs without the GIL."""
+    job = ctx.job
+    workers = max(1, min(os.cpu_count() or 1, _VALIDATE_THREADS))
+
+    def validate(piece: _Piece) -> tuple[int, pa.Table, list[RowError]]:
+        table, errors = _stage_events(ctx, piece)
+        return piece.last_row, table, errors
+
+    source = iter(pieces)
+    ahead: collections.deque[Future[tuple[int, pa.Table, list[RowError]]]] = collections.deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="waymark-validate") as pool:
+        try:
+            while True:
+                with _phase(job, "read"):
+                    piece = next(source, None)
+                if piece is not None:
+                    ahead.append(pool.submit(validate, piece))
+                    del piece
+                    if len(ahead) <= workers:
+                        continue
+                if not ahead:
+                    return
+                with _phase(job, "validate"):
+                    done = ahead.popleft().result()
+                yield done
+                del done
+        finally:
+            for pending in ahead:
+                pending.cancel()
+
+
 def _import_events(
     ctx: _Context,
     pieces: Iterable[_Piece],
@@ -3136,19 +3192,11 @@ def _import_events(
             last_row = 0
             background = _Background()
             try:
-                source = iter(pieces)
-                while True:
-                    with _phase(job, "read"):
-                        piece = next(source, None)
-                    if piece is None:
-                        break
-                    with _phase(job, "validate"):
-                        table, errors = _stage_events(ctx, piece)
-                        sink.add(errors)
-                    last_row = piece.last_row
+                for last_row, table, errors in _validated(ctx, pieces):
+                    sink.add(errors)
                     with _phase(job, "stage_wait"):
                         background.submit(functools.partial(stage.add, table, last_row))
-                    del piece, table
+                    del table
                     _release_memory()
                     if progress is not None:
                         progress(last_row, 2 * total if total is not None else None)
