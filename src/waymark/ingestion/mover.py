@@ -32,9 +32,10 @@ class FlushStats:
 
 
 def _rows_to_arrow(rows: list[tuple[Any, ...]]) -> pa.Table:
-    """Inbox rows (``INBOX_COLUMNS`` order) as the log's Arrow batch; JSON stays text."""
-    columns = list(zip(*rows, strict=True)) if rows else [() for _ in INBOX_COLUMNS]
-    data = dict(zip(INBOX_COLUMNS, columns, strict=True))
+    """Inbox rows (``INBOX_COLUMNS`` order; more columns after them are ignored) as the log's
+    Arrow batch; JSON stays text."""
+    columns = list(zip(*rows)) if rows else [() for _ in INBOX_COLUMNS]
+    data = dict(zip(INBOX_COLUMNS, columns, strict=False))
     arrays: dict[str, pa.Array] = {}
     for field in EVENT_ARROW_SCHEMA:
         values = list(data[field.name])
@@ -93,14 +94,19 @@ def flush(
         with write_tx(engine) as conn:
             # rows at or below the watermark are already in the log: finish their cleanup
             conn.execute(delete(event_inbox).where(event_inbox.c.seq <= done))
-            fetched = conn.exec_driver_sql(
-                f"SELECT seq, {', '.join(INBOX_COLUMNS)} FROM event_inbox "
-                f"ORDER BY seq LIMIT {int(batch_size)}"
-            ).all()
-        if not fetched:
+            # the DBAPI cursor's plain tuples: SQLAlchemy's row objects cost more than the read
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(
+                    f"SELECT {', '.join(INBOX_COLUMNS)}, seq FROM event_inbox "
+                    f"ORDER BY seq LIMIT {int(batch_size)}"
+                )
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+        if not rows:
             break
-        upto = int(fetched[-1][0])
-        rows = [tuple(r[1:]) for r in fetched]
+        upto = int(rows[-1][-1])
         events.append(_rows_to_arrow(rows), marker=("inbox", upto))
         with write_tx(engine) as conn:
             conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
