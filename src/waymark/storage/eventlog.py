@@ -181,6 +181,23 @@ class EventLog(Protocol):
         ...
 
 
+def final_survivors(merges: Sequence[tuple[int, str, str, str]]) -> dict[tuple[str, str], str]:
+    """For merges ``(seq, workspace_id, absorbed, survivor)`` in seq order, where each absorbed
+    profile's events end up: ``{(workspace_id, absorbed): last survivor}`` (a survivor may be
+    absorbed later in turn; profile ids are never reused, so the chains have no cycles)."""
+    into: dict[tuple[str, str], str] = {}
+    for _seq, workspace_id, absorbed, survivor in merges:
+        into[(workspace_id, absorbed)] = survivor
+    final: dict[tuple[str, str], str] = {}
+    for (workspace_id, absorbed), survivor in into.items():
+        seen = {absorbed}
+        while (workspace_id, survivor) in into and survivor not in seen:
+            seen.add(survivor)
+            survivor = into[(workspace_id, survivor)]
+        final[(workspace_id, absorbed)] = survivor
+    return final
+
+
 def _decode(value: Any) -> Any:
     if value is None:
         return {}
@@ -358,13 +375,26 @@ class DuckDBEventLog:
         with self._tx() as cur:
             done = self._meta(cur, "merges")
             todo = [m for m in merges if m[0] > done]
-            for _seq, workspace_id, absorbed, survivor in todo:
+            if not todo:
+                return
+            final = final_survivors(todo)
+            pairs = pa.table(
+                {
+                    "workspace_id": [w for w, _ in final],
+                    "absorbed": [a for _, a in final],
+                    "survivor": list(final.values()),
+                }
+            )
+            cur.register("merge_pairs", pairs)
+            try:  # one scan of the log for the whole batch, not one per merge
                 cur.execute(
-                    "UPDATE events SET profile_id = ? WHERE workspace_id = ? AND profile_id = ?",
-                    [survivor, workspace_id, absorbed],
+                    "UPDATE events SET profile_id = m.survivor FROM merge_pairs m "
+                    "WHERE events.workspace_id = m.workspace_id "
+                    "AND events.profile_id = m.absorbed"
                 )
-            if todo:
-                self._set_meta(cur, "merges", max(m[0] for m in todo))
+            finally:
+                cur.unregister("merge_pairs")
+            self._set_meta(cur, "merges", max(m[0] for m in todo))
 
     def events_for_profile(
         self, workspace_id: str, profile_id: str, *, limit: int = 100, before_seq: int | None = None

@@ -1,0 +1,82 @@
+"""The embedded event log's own contracts: seq numbering and batched merge re-pointing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+
+from waymark.storage.eventlog import EVENT_ARROW_SCHEMA, DuckDBEventLog, final_survivors
+
+AT = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def _rows(*pairs: tuple[str, str]) -> pa.Table:
+    n = len(pairs)
+    return pa.table(
+        {
+            "workspace_id": [w for w, _ in pairs],
+            "profile_id": [p for _, p in pairs],
+            "message_id": [f"m{i}-{p}" for i, (_, p) in enumerate(pairs)],
+            "type": ["track"] * n,
+            "name": ["e"] * n,
+            "timestamp": [AT] * n,
+            "received_at": [AT] * n,
+            "identities": ["{}"] * n,
+            "properties": ["{}"] * n,
+            "traits": ["{}"] * n,
+            "context": ["{}"] * n,
+            "source": ["t"] * n,
+            "flags": ["[]"] * n,
+            "previous_id": [None] * n,
+            "group_id": [None] * n,
+        },
+        schema=EVENT_ARROW_SCHEMA,
+    )
+
+
+def test_chains_of_merges_end_at_the_last_survivor_per_workspace() -> None:
+    merges = [(1, "w", "a", "b"), (2, "w", "b", "c"), (3, "v", "a", "z"), (4, "w", "x", "a")]
+    assert final_survivors(merges) == {
+        ("w", "a"): "c",
+        ("w", "b"): "c",
+        ("v", "a"): "z",
+        # x went into a after a had gone into b then c: its events follow a's
+        ("w", "x"): "c",
+    }
+
+
+def test_merges_re_point_events_in_one_batch_once(tmp_path: Path) -> None:
+    log = DuckDBEventLog(tmp_path / "events.duckdb")
+    try:
+        log.append(_rows(("w", "a"), ("w", "b"), ("w", "c"), ("v", "a"), ("w", "keep")))
+        merges = [(1, "w", "a", "b"), (2, "w", "b", "c")]
+        log.apply_merges(merges)
+        log.apply_merges(merges)  # again: below the watermark, nothing happens
+        owners = sorted(log.sql("SELECT workspace_id, profile_id, seq FROM events ORDER BY seq"))
+        assert [(w, p) for w, p, _ in owners] == [
+            ("v", "a"),
+            ("w", "c"),
+            ("w", "c"),
+            ("w", "c"),
+            ("w", "keep"),
+        ]
+        assert log.merge_watermark() == 2
+    finally:
+        log.close()
+
+
+def test_seq_numbers_continue_across_appends_and_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "events.duckdb"
+    log = DuckDBEventLog(path)
+    log.append(_rows(("w", "a"), ("w", "b")))
+    log.append(_rows(("w", "c")))
+    log.close()
+    log = DuckDBEventLog(path)
+    try:
+        log.append(_rows(("w", "d")))
+        seqs = [r[0] for r in log.sql("SELECT seq FROM events ORDER BY seq")]
+        assert seqs == [1, 2, 3, 4]
+    finally:
+        log.close()
