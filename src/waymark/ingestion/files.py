@@ -152,6 +152,7 @@ _SEEN_BATCH = 50_000  # profiles per transaction when widening seen times during
 _KNOWN_BATCH = 250_000  # identity links read per batch from the state store
 _SQLITE_CACHE_KB = 65_536  # SQLite page cache during set-wise writes
 _STAGE_MEMORY_MB = 384  # DuckDB's memory budget for staging an events import
+_STAGE_APPEND_MEMORY_MB = 96  # ... while the events are appended (the log needs its own)
 _WRITER_BATCH = 2_000  # records per ProfileWriter transaction
 _PARALLEL_ROWS = 100_000  # profile files this large are converted by worker processes
 _PARALLEL_BYTES = 32 << 20
@@ -2241,7 +2242,7 @@ class _Stage:
         spill = directory / "spill"
         spill.mkdir(exist_ok=True)
         self.db.execute(f"SET threads = {max(os.cpu_count() or 1, 1)}")
-        self.db.execute(f"SET memory_limit = '{_stage_memory_mb()}MB'")
+        self.set_memory(_stage_memory_mb())
         self.db.execute(f"SET temp_directory = '{spill.as_posix()}'")
         self.db.execute("SET preserve_insertion_order = true")
         self.db.execute("SET TimeZone = 'UTC'")
@@ -2288,6 +2289,10 @@ class _Stage:
         self.rows += table.num_rows
         del narrow, table
         _release_memory()  # this thread's share of Arrow's allocator
+
+    def set_memory(self, mb: int) -> None:
+        """Change DuckDB's budget (lowering it spills what is beyond it to the folder)."""
+        self.db.execute(f"SET memory_limit = '{int(mb)}MB'")
 
     def finish_spill(self) -> None:
         if self._writer is not None:
@@ -2354,14 +2359,14 @@ class _Background:
             self._pool.shutdown(wait=True)
 
 
-def _stage_memory_mb() -> int:
-    """DuckDB's budget for staging (it spills to disk beyond it): 384 MB, or a quarter of the
-    machine's memory when that is less."""
+def _stage_memory_mb(budget: int = _STAGE_MEMORY_MB) -> int:
+    """DuckDB's budget for staging (it spills to disk beyond it): ``budget`` MB, or a quarter
+    of the machine's memory when that is less."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
     except (ValueError, OSError, AttributeError):
         total = 2048
-    return int(min(total // 4, _STAGE_MEMORY_MB))
+    return int(min(total // 4, budget))
 
 
 def _work_dir(hub: Hub) -> Path:
@@ -2458,9 +2463,9 @@ def _release_memory() -> None:
 def _resolve(ctx: _Context, stage: _Stage) -> None:
     """Decide the profile of every distinct identity tuple of the staged rows.
 
-    Leaves in the stage ``row_pid(row, pid)``, ``tuple_pid(tid, c, pid, cls)`` and the
-    components to write (``comp_class``, ``comp_pid`` for new profiles, ``comp_first``: the
-    first row of each). Only the ``writer`` components are written here (through
+    Leaves in the stage only what the later steps read: ``row_pid(row, pid)``, what to
+    write (``write_plan``, ``write_links``, ``seen_plan``) and the identify calls whose
+    traits apply (``traits_rows``). Only the ``writer`` components are written here (through
     ProfileWriter); the set-wise writes are :func:`_write_profiles`, run alongside the appends.
     """
     db, hub, ws = stage.db, ctx.hub, ctx.job.workspace_id
@@ -2547,7 +2552,24 @@ def _resolve(ctx: _Context, stage: _Stage) -> None:
             "max(t.last_ts) AS ls FROM tuple_pid tp JOIN tuples t USING (tid) "
             "WHERE tp.cls <> 'new' GROUP BY tp.pid ORDER BY tp.pid"
         )
-        for name in ("ilab", "idents", "te", "tcomp", "comp_first", "tuples"):
+        # what the appends and the traits still need; everything else goes
+        db.execute(
+            f"CREATE OR REPLACE TABLE traits_rows AS SELECT row, timestamp, traits, {cols} "
+            "FROM staged WHERE apply_traits"
+        )
+        for name in (
+            "ilab",
+            "idents",
+            "te",
+            "tcomp",
+            "comp_first",
+            "tuples",
+            "staged",
+            "tuple_pid",
+            "comp_class",
+            "comp_pid",
+            "writer_pid",
+        ):
             db.execute(f"DROP TABLE IF EXISTS {name}")
     _release_memory()
 
@@ -2867,7 +2889,7 @@ def _apply_traits(ctx: _Context, stage: _Stage) -> None:
     """Traits of identify calls become attributes of their profiles, oldest call first."""
     cols = ", ".join(_q(ns) for ns in stage.namespaces)
     for batch in stage.batches(
-        f"SELECT timestamp, traits, {cols} FROM staged WHERE apply_traits ORDER BY timestamp, row",
+        f"SELECT timestamp, traits, {cols} FROM traits_rows ORDER BY timestamp, row",
         size=_WRITER_BATCH,
     ):
         ids = _tuple_identities(batch, stage.namespaces)
@@ -3213,6 +3235,8 @@ def _import_events(
             if stage.rows:
                 with _phase(job, "resolve"):
                     _resolve(ctx, stage)
+                # the event log's buffers grow during the appends: the stage gives way
+                stage.set_memory(_stage_memory_mb(_STAGE_APPEND_MEMORY_MB))
                 written = _Watermark()
                 writes = _Background()
                 try:
