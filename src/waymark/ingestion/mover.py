@@ -34,7 +34,7 @@ class FlushStats:
 def _rows_to_arrow(rows: list[tuple[Any, ...]]) -> pa.Table:
     """Inbox rows (``INBOX_COLUMNS`` order; more columns after them are ignored) as the log's
     Arrow batch; JSON stays text."""
-    columns = list(zip(*rows)) if rows else [() for _ in INBOX_COLUMNS]
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in INBOX_COLUMNS]
     data = dict(zip(INBOX_COLUMNS, columns, strict=False))
     arrays: dict[str, pa.Array] = {}
     for field in EVENT_ARROW_SCHEMA:

@@ -189,12 +189,12 @@ def final_survivors(merges: Sequence[tuple[int, str, str, str]]) -> dict[tuple[s
     for _seq, workspace_id, absorbed, survivor in merges:
         into[(workspace_id, absorbed)] = survivor
     final: dict[tuple[str, str], str] = {}
-    for (workspace_id, absorbed), survivor in into.items():
-        seen = {absorbed}
-        while (workspace_id, survivor) in into and survivor not in seen:
-            seen.add(survivor)
-            survivor = into[(workspace_id, survivor)]
-        final[(workspace_id, absorbed)] = survivor
+    for (workspace_id, absorbed), first in into.items():
+        last, seen = first, {absorbed}
+        while (workspace_id, last) in into and last not in seen:
+            seen.add(last)
+            last = into[(workspace_id, last)]
+        final[(workspace_id, absorbed)] = last
     return final
 
 
