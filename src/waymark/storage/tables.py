@@ -37,12 +37,20 @@ metadata = MetaData(
 def sqlite_time(value: datetime) -> str:
     """How SQLite stores an instant: fixed-width UTC text, so text order is time order.
 
-    ``value`` must be aware. (Formatting then cutting the ``+00:00`` off costs half of a
-    ``replace(tzinfo=None)``; this runs several times per ingested event.)
+    ``value`` must be aware. This runs several times per ingested event, mostly on a few
+    instants (a batch's arrival, its events' times), so recent results are remembered.
     """
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value.isoformat(" ", "microseconds")[:26]
+    text = _TEXTS.get(value)
+    if text is None:
+        utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+        text = utc.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
+        if len(_TEXTS) >= 4096:
+            _TEXTS.clear()
+        _TEXTS[value] = text
+    return text
+
+
+_TEXTS: dict[datetime, str] = {}
 
 
 def read_time(value: datetime | str) -> datetime:
