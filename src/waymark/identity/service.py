@@ -148,7 +148,8 @@ class ProfileWriter:
 
     def load_profiles(self, ids: Iterable[str]) -> None:
         """Load profiles by id (with all their links) into the batch."""
-        todo = sorted(set(ids) - set(self.states))
+        states = self.states
+        todo = sorted({i for i in ids if i not in states})
         for chunk in _chunks(todo):
             links: dict[str, list[LinkedIdentity]] = {p: [] for p in chunk}
             for r in self.conn.execute(
