@@ -9,7 +9,7 @@ are resolved and the claimed events are written to the inbox. Commit = durable =
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -113,7 +113,21 @@ def validate_event_item(schema: Schema, event: Event) -> Event | tuple[Issue, ..
             return tres.issues
         traits = tres.value
         flags.extend(tres.flags)
-    return replace(event, properties=properties, traits=traits, flags=tuple(flags))
+    return Event(
+        event.message_id,
+        event.type,
+        event.name,
+        event.timestamp,
+        event.received_at,
+        event.identities,
+        properties,
+        traits,
+        event.context,
+        event.previous_id,
+        event.group_id,
+        event.source,
+        tuple(flags),
+    )
 
 
 def inbox_row(
