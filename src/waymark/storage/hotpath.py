@@ -19,6 +19,17 @@ from waymark.storage.tables import read_time, sqlite_time
 _CHUNK = 500
 
 
+def _fetch(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """All rows of a read, as the driver's own tuples (SQLAlchemy's per-row wrapping costs
+    more than SQLite's reading on these small, frequent look-ups)."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
 def claim_message_ids(
     conn: Connection, workspace_id: str, message_ids: Sequence[str], at: datetime
 ) -> set[str]:
@@ -45,7 +56,8 @@ def claim_message_ids(
         marks = ",".join("?" * len(chunk))
         seen.update(
             r[0]
-            for r in conn.exec_driver_sql(
+            for r in _fetch(
+                conn,
                 "SELECT message_id FROM seen_messages WHERE workspace_id = ? "
                 f"AND message_id IN ({marks})",
                 (workspace_id, *chunk),
@@ -180,13 +192,15 @@ def find_owners(
     for i in range(0, len(values), _CHUNK):
         chunk = list(values[i : i + _CHUNK])
         if pg:
-            rows = conn.exec_driver_sql(
+            rows = _fetch(
+                conn,
                 "SELECT value, profile_id, first_seen FROM identities WHERE workspace_id = %s "
                 "AND namespace = %s AND value = ANY(%s)",
                 (workspace_id, namespace, chunk),
             )
         else:
-            rows = conn.exec_driver_sql(
+            rows = _fetch(
+                conn,
                 "SELECT value, profile_id, first_seen FROM identities WHERE workspace_id = ? "
                 f"AND namespace = ? AND value IN ({','.join('?' * len(chunk))})",
                 (workspace_id, namespace, *chunk),
