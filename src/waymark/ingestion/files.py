@@ -25,9 +25,10 @@ call it). Contracts:
   the others go through :class:`ProfileWriter`. Large files are converted and validated by
   worker processes (one per core), a few chunks ahead of the writes.
 * **Events** are appended to the event log directly (not through the inbox), in three phases:
-  (1) every row is read and validated; its log columns are spilled to an Arrow file and its
-  identities, time and message id staged in a temporary DuckDB database (both in a private
-  folder under ``<data>/tmp``, removed at the end); (2) identities are resolved in bulk on the
+  (1) every row is read and validated (pieces on one thread per core); its log columns are
+  spilled to an Arrow file and its identities, time and message id staged in an in-memory
+  DuckDB database that spills beyond its budget (both in a private folder under
+  ``<data>/tmp``, removed at the end); (2) identities are resolved in bulk on the
   distinct identity tuples of the whole file: connected groups of identities that no profile
   holds become one new profile, new identities of a group held by one profile are linked to
   it, and groups that would merge profiles or break a unique namespace go through
