@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine
 
 from waymark.core.clock import Clock, SystemClock
 from waymark.settings import Settings
-from waymark.storage.database import create_state_engine, migrate, write_tx
+from waymark.storage.database import close_writer_lock, create_state_engine, migrate, write_tx
 from waymark.storage.eventlog import EventLog, open_event_log
 
 
@@ -74,4 +74,5 @@ class Hub:
                 raw.cursor().execute("PRAGMA optimize")
             finally:
                 raw.close()
+        close_writer_lock(self.engine)
         self.engine.dispose()

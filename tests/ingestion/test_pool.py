@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import orjson
@@ -109,7 +111,17 @@ def test_concurrent_requests_are_each_answered_with_their_own_outcome(
     assert sum(len(r.accepted_indices) for r in results) == 80
 
 
-def test_a_dead_worker_fails_its_request_and_is_replaced(hub: Hub, pool: IngestPool) -> None:
+def _wait_for_live_worker(pool: IngestPool, not_this: object, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        workers = pool._workers
+        if workers[0] is not not_this and workers[0].alive:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no new worker started")
+
+
+def test_a_dead_worker_is_replaced_in_the_background(hub: Hub, pool: IngestPool) -> None:
     ws = _workspace(hub)
     assert _store(pool, hub, ws, _batch("before")).accepted == 1
     worker = pool._workers[0]
@@ -117,9 +129,47 @@ def test_a_dead_worker_fails_its_request_and_is_replaced(hub: Hub, pool: IngestP
     os.kill(worker.process.pid, signal.SIGKILL)
     worker.process.join(10)
     worker.reader.join(10)
-    # the next request goes to a new worker; the one killed is not used again
+    # until the new one is up, requests are refused at once (503), never left waiting
+    with contextlib.suppress(WorkerFailed):
+        _store(pool, hub, ws, _batch("meanwhile"))
+    _wait_for_live_worker(pool, worker)
     assert _store(pool, hub, ws, _batch("after")).accepted == 1
-    assert pool._workers[0] is not worker
+
+
+def test_ctrl_c_reaches_the_api_process_not_the_workers(hub: Hub, pool: IngestPool) -> None:
+    ws = _workspace(hub)
+    worker = pool._workers[0]
+    assert worker.process.pid is not None
+    os.kill(worker.process.pid, signal.SIGINT)
+    os.kill(worker.process.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.alive  # it stops when the pool closes, after finishing its requests
+    assert _store(pool, hub, ws, _batch("still-here")).accepted == 1
+
+
+def test_a_request_whose_caller_gave_up_does_not_disturb_the_next(
+    hub: Hub, pool: IngestPool
+) -> None:
+    ws = _workspace(hub)
+
+    async def impatient() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                pool.store("segment", "batch", ws, _batch("gave-up"), hub.clock.now()), 0.0001
+            )
+
+    asyncio.run(impatient())  # its event loop is closed when the worker answers
+    assert _store(pool, hub, ws, _batch("next-one")).accepted == 1
+    assert pool._workers[0].alive
+
+
+def test_a_closed_pool_refuses_work_with_a_retryable_error(hub: Hub) -> None:
+    pool = IngestPool(hub.settings, 1)
+    worker = pool._workers[0]
+    pool.close()
+    assert not worker.process.is_alive()
+    with pytest.raises(WorkerFailed):
+        _store(pool, hub, "ws", _batch("late"))
 
 
 def test_requests_in_flight_when_a_worker_dies_are_answered_with_an_error(hub: Hub) -> None:

@@ -180,20 +180,24 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
 
     async def ingest(request: Request, kind: Kind, call: str, limit: int) -> Response:
         """Authenticate, read the body, then parse and store it: in a worker process when
-        there are workers, else here through the group committer."""
+        there are workers, else here through the group committer.
+
+        A key in the headers is checked before the body is read. Segment calls may instead
+        carry ``writeKey`` in the body (some libraries do), which needs the body decoded
+        first; native calls must use a header."""
+        p = principal(request, Scope.INGEST) if presented_key(request) or kind == "native" else None
         raw = await read_body(request, limit)
-        key = presented_key(request)
-        pool: IngestPool | None = state.get("pool")
         data: Any = None
-        if key is None or pool is None:
+        if p is None:
             data = decode_body(raw)
             body_key = data.get("writeKey") if isinstance(data, dict) else None
-            if key is None and kind == "segment" and isinstance(body_key, str):
-                key = body_key
-        p = principal(request, Scope.INGEST, key)
+            p = principal(request, Scope.INGEST, body_key if isinstance(body_key, str) else None)
         received_at = hub.clock.now()
+        pool: IngestPool | None = state.get("pool")
         if pool is not None:
             return ingest_answer(await pool.store(kind, call, p.workspace_id, raw, received_at))
+        if data is None:
+            data = decode_body(raw)
         parsed = parse_request(
             kind, call, data, workspace_id=p.workspace_id, received_at=received_at, limits=limits
         )

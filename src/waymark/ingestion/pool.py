@@ -20,7 +20,10 @@ import itertools
 import logging
 import multiprocessing
 import pickle
+import queue
+import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import suppress
@@ -31,8 +34,9 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Literal
 
 import orjson
+from sqlalchemy.exc import DataError
 
-from waymark.core.errors import InvalidInput, Issue, StoreBusy
+from waymark.core.errors import Conflict, InvalidInput, Issue, LimitExceeded, StoreBusy
 from waymark.hub import Hub
 from waymark.ingestion.batcher import GroupCommitter
 from waymark.ingestion.payloads import (
@@ -51,7 +55,7 @@ log = logging.getLogger(__name__)
 Kind = Literal["segment", "native"]
 _READY = b"ready"
 _START_SECONDS = 60
-_PIPE_BYTES = 32_000  # bodies up to this size go into the pipe without blocking the loop
+_ANSWER_SECONDS = 300  # far beyond any commit; a request never waits forever
 
 
 def decode_body(raw: bytes) -> Any:
@@ -100,15 +104,52 @@ class _Request:
     received_at: datetime
 
 
-# An answer: ("ok", IngestResult) | ("invalid", issues, message) | ("error", text).
+# An answer: ("ok", IngestResult), or ("error", kind, message, issues) where kind names how the
+# API answers: "invalid" (400), "limit" (413), "conflict" (409), "failed" (503), "internal" (500).
 _Answer = tuple[Any, ...]
+
+
+def _failure(exc: BaseException) -> _Answer:
+    """How a failure in a worker travels to the API process (as plain data: exceptions with
+    their own constructors do not survive pickling)."""
+    if isinstance(exc, InvalidInput):
+        return ("error", "invalid", exc.message, [(i.path, i.reason, i.code) for i in exc.issues])
+    if isinstance(exc, DataError):  # a value the database refuses: the request's fault
+        return ("error", "invalid", str(exc.orig).splitlines()[0], [])
+    if isinstance(exc, LimitExceeded):
+        return ("error", "limit", exc.message, [])
+    if isinstance(exc, Conflict):
+        return ("error", "conflict", exc.message, [])
+    if isinstance(exc, StoreBusy):
+        return ("error", "failed", exc.message, [])
+    return ("error", "internal", f"{type(exc).__name__}: {exc}", [])
+
+
+def _raise(outcome: _Answer) -> None:
+    """Raise, in the API process, the error a worker's answer describes."""
+    _, kind, message, issues = outcome
+    if kind == "invalid":
+        raise InvalidInput([Issue(*i) for i in issues] or [Issue("", message)], message)
+    if kind == "limit":
+        raise LimitExceeded(message)
+    if kind == "conflict":
+        raise Conflict(message)
+    if kind == "failed":
+        raise WorkerFailed(message)
+    raise RuntimeError(f"the ingestion worker failed: {message}")
 
 
 # -- the worker process ----------------------------------------------------------------------
 
 
 def _worker_main(settings_data: dict[str, Any], conn: Connection) -> None:
-    """Entry point of a worker process: serve requests from ``conn`` until it closes."""
+    """Entry point of a worker process: serve requests from ``conn`` until it closes.
+
+    Ctrl-C and SIGTERM reach every process of the group; the worker ignores them and stops
+    when the API process says so (an empty message) or goes away (end of the pipe), after
+    finishing what it holds."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     settings = Settings.model_validate(settings_data)
     configure(settings.log_level, settings.log_format)
     hub = Hub.open(settings, migrate_now=False)
@@ -122,16 +163,17 @@ def _worker_main(settings_data: dict[str, Any], conn: Connection) -> None:
     conn.send_bytes(_READY)
 
     def answer(rid: int, outcome: _Answer) -> None:
-        data = pickle.dumps((rid, outcome), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            data = pickle.dumps((rid, outcome), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # never leave a request without an answer
+            log.exception("an ingestion answer could not be encoded")
+            data = pickle.dumps((rid, _failure(exc)), protocol=pickle.HIGHEST_PROTOCOL)
         with sending, suppress(OSError, EOFError):
             conn.send_bytes(data)
 
     def settle(rid: int, future: Future[IngestResult]) -> None:
         exc = future.exception()
-        if exc is None:
-            answer(rid, ("ok", future.result()))
-        else:
-            answer(rid, ("error", f"{type(exc).__name__}: {exc}"))
+        answer(rid, ("ok", future.result()) if exc is None else _failure(exc))
 
     try:
         while True:
@@ -151,12 +193,10 @@ def _worker_main(settings_data: dict[str, Any], conn: Connection) -> None:
                     received_at=req.received_at,
                     limits=limits,
                 )
-            except InvalidInput as exc:
-                answer(req.rid, ("invalid", list(exc.issues), exc.message))
-                continue
             except Exception as exc:
-                log.exception("parsing an ingestion request failed")
-                answer(req.rid, ("error", f"{type(exc).__name__}: {exc}"))
+                if not isinstance(exc, InvalidInput):
+                    log.exception("parsing an ingestion request failed")
+                answer(req.rid, _failure(exc))
                 continue
             future = committer.submit(req.workspace_id, parsed)
             future.add_done_callback(functools.partial(settle, req.rid))
@@ -170,9 +210,15 @@ def _worker_main(settings_data: dict[str, Any], conn: Connection) -> None:
 
 
 class _Worker:
-    """One worker process, its pipe, and the requests it has not answered yet."""
+    """One worker process, its pipe, the requests it has not answered yet, and two threads:
+    one sends requests (so the event loop never waits on a full pipe), one reads answers."""
 
-    def __init__(self, settings: Settings, on_answer: Callable[[int, _Answer], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_answer: Callable[[int, _Answer], None],
+        on_exit: Callable[[_Worker], None],
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")  # the API process has threads: no fork
         self.conn, child = ctx.Pipe(duplex=True)
         self.process: BaseProcess = ctx.Process(
@@ -190,51 +236,83 @@ class _Worker:
             ready = False
         if not ready:
             self.process.kill()
+            self.process.join(5)
+            self.conn.close()
             raise WorkerFailed(
                 f"an ingestion worker did not start within {_START_SECONDS} s (see its log)"
             )
         self.pending: set[int] = set()
-        self.sending = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._on_answer = on_answer
-        self.reader = threading.Thread(target=self._read, name="waymark-ingest-reader", daemon=True)
+        self._on_exit = on_exit
+        self.sender = threading.Thread(target=self._send, name="waymark-ingest-send", daemon=True)
+        self.reader = threading.Thread(target=self._read, name="waymark-ingest-read", daemon=True)
+        self.sender.start()
         self.reader.start()
-
-    def send(self, req: _Request) -> None:
-        data = pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL)
-        with self.sending:
-            self.pending.add(req.rid)
-            self.conn.send_bytes(data)
-
-    def _read(self) -> None:
-        while True:
-            try:
-                rid, outcome = pickle.loads(self.conn.recv_bytes())
-            except (EOFError, OSError):
-                break
-            self.pending.discard(rid)
-            self._on_answer(rid, outcome)
-        # the worker is gone: nobody will answer what it still held
-        for rid in list(self.pending):
-            self.pending.discard(rid)
-            self._on_answer(rid, ("error", "the ingestion worker stopped"))
 
     @property
     def alive(self) -> bool:
         return self.process.is_alive() and self.reader.is_alive()
 
+    def submit(self, req: _Request) -> None:
+        """Queue a request for the worker (never blocks)."""
+        data = pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._pending_lock:
+            self.pending.add(req.rid)
+        self._outbox.put(data)
+
+    def _send(self) -> None:
+        while (data := self._outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except (OSError, EOFError, ValueError):  # the worker is gone: the reader fails all
+                break
+
+    def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    rid, outcome = pickle.loads(self.conn.recv_bytes())
+                except (EOFError, OSError):
+                    break
+                except Exception:  # a damaged message: the stream can no longer be trusted
+                    log.exception("an ingestion worker's answer could not be read")
+                    break
+                with self._pending_lock:
+                    self.pending.discard(rid)
+                self._on_answer(rid, outcome)
+        finally:
+            self.fail_pending("the ingestion worker stopped")
+            self._on_exit(self)
+
+    def fail_pending(self, reason: str) -> None:
+        """Answer every request still held with :class:`WorkerFailed`."""
+        with self._pending_lock:
+            held, self.pending = self.pending, set()
+        for rid in held:
+            self._on_answer(rid, ("error", "failed", reason, []))
+
     def stop(self, timeout: float) -> None:
-        with self.sending, suppress(OSError, EOFError):
-            self.conn.send_bytes(b"")
+        """Ask the worker to finish what it holds and exit; kill it after ``timeout``."""
+        self._outbox.put(b"")  # the worker's signal to stop, after the requests before it
+        self._outbox.put(None)
+        self.sender.join(timeout)
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
+        with suppress(OSError):
+            self.conn.close()
         self.reader.join(5)
-        self.conn.close()
+        self.fail_pending("the ingestion worker was stopped")
 
 
 class IngestPool:
-    """Worker processes that parse and store ingestion requests for the API process."""
+    """Worker processes that parse and store ingestion requests for the API process.
+
+    A worker that dies is replaced in the background (after a pause if it keeps dying);
+    meanwhile requests go to the other workers, or are answered 503 when none is alive."""
 
     def __init__(self, settings: Settings, size: int) -> None:
         if size < 1:
@@ -243,13 +321,22 @@ class IngestPool:
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[_Answer]]] = {}
         self._lock = threading.Lock()
-        self._workers = [_Worker(settings, self._deliver) for _ in range(size)]
         self._closed = False
+        self._workers: list[_Worker] = []
+        try:
+            for _ in range(size):
+                self._workers.append(self._start())
+        except BaseException:
+            self.close(timeout=5)
+            raise
+
+    def _start(self) -> _Worker:
+        return _Worker(self._settings, self._deliver, self._exited)
 
     def _deliver(self, rid: int, outcome: _Answer) -> None:
         with self._lock:
             waiting = self._waiting.pop(rid, None)
-        if waiting is None:
+        if waiting is None:  # its caller gave up (timeout, cancelled)
             return
         loop, future = waiting
 
@@ -257,52 +344,73 @@ class IngestPool:
             if not future.done():
                 future.set_result(outcome)
 
-        loop.call_soon_threadsafe(resolve)
+        with suppress(RuntimeError):  # that event loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(resolve)
 
-    def _pick(self) -> _Worker:
-        """The live worker with the fewest requests in flight (a dead one is replaced)."""
-        for n, worker in enumerate(self._workers):
-            if not worker.alive:
-                log.warning("an ingestion worker stopped; starting a new one")
-                worker.stop(timeout=1)
-                self._workers[n] = _Worker(self._settings, self._deliver)
-        return min(self._workers, key=lambda w: len(w.pending))
+    def _exited(self, worker: _Worker) -> None:
+        """A worker's reader ended: replace the worker in the background unless closing."""
+        if self._closed:
+            return
+        log.warning("an ingestion worker stopped; starting a new one")
+        threading.Thread(
+            target=self._replace, args=(worker,), name="waymark-ingest-restart", daemon=True
+        ).start()
+
+    def _replace(self, dead: _Worker) -> None:
+        dead.stop(timeout=1)
+        pause = 0.5
+        while not self._closed:
+            try:
+                fresh = self._start()
+            except WorkerFailed:
+                log.exception("an ingestion worker could not be restarted; trying again")
+                time.sleep(pause)
+                pause = min(pause * 2, 30)
+                continue
+            with self._lock:
+                if not self._closed:
+                    self._workers = [fresh if w is dead else w for w in self._workers]
+                    return
+            fresh.stop(timeout=5)  # the pool closed while it started
 
     async def store(
         self, kind: Kind, call: str, workspace_id: str, raw: bytes, received_at: datetime
     ) -> IngestResult:
         """Parse and store one request's raw body in a worker; returns the durable outcome.
 
-        Raises :class:`InvalidInput` for a malformed body, :class:`WorkerFailed` when the
-        worker could not answer."""
-        if self._closed:
-            raise WorkerFailed("the ingestion workers are shutting down")
+        Raises what the in-process path would (:class:`InvalidInput` for a malformed body,
+        ...), and :class:`WorkerFailed` when no worker could answer."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_Answer] = loop.create_future()
         rid = next(self._ids)
         with self._lock:
+            if self._closed:
+                raise WorkerFailed("the ingestion workers are shutting down")
+            live = [w for w in self._workers if w.alive]
+            if not live:
+                raise WorkerFailed("no ingestion worker is running; retry shortly")
+            worker = min(live, key=lambda w: len(w.pending))
             self._waiting[rid] = (loop, future)
-            worker = self._pick()
-        request = _Request(rid, kind, call, workspace_id, raw, received_at)
+        worker.submit(_Request(rid, kind, call, workspace_id, raw, received_at))
         try:
-            if len(raw) > _PIPE_BYTES:  # may wait for the worker to drain the pipe
-                await asyncio.to_thread(worker.send, request)
-            else:
-                worker.send(request)
-        except (OSError, EOFError) as exc:
+            outcome = await asyncio.wait_for(future, _ANSWER_SECONDS)
+        except TimeoutError:
+            raise WorkerFailed(
+                f"the ingestion worker did not answer within {_ANSWER_SECONDS} s"
+            ) from None
+        finally:
             with self._lock:
                 self._waiting.pop(rid, None)
-            raise WorkerFailed(f"the ingestion worker is unreachable: {exc}") from exc
-        outcome = await future
         if outcome[0] == "ok":
             result: IngestResult = outcome[1]
             return result
-        if outcome[0] == "invalid":
-            raise InvalidInput(outcome[1], outcome[2])
-        raise WorkerFailed(f"the ingestion worker failed: {outcome[1]}")
+        _raise(outcome)
+        raise AssertionError("unreachable")
 
     def close(self, timeout: float = 30) -> None:
         """Let every worker finish what it holds, then stop them."""
-        self._closed = True
-        for worker in self._workers:
+        with self._lock:
+            self._closed = True
+            workers = list(self._workers)
+        for worker in workers:
             worker.stop(timeout)

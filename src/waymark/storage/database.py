@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -21,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
-from waymark.core.errors import InvalidInput, Issue
+from waymark.core.errors import InvalidInput, Issue, StoreBusy
 
 try:
     import fcntl
@@ -100,24 +101,50 @@ def create_state_engine(url: str, *, pool_size: int = 8) -> Engine:
 class _WriterLock:
     """Writers of one SQLite database queue here before ``BEGIN IMMEDIATE``: threads of this
     process on a lock, processes (API and ingestion workers) on an ``flock`` of a file beside
-    the database. Both wake a waiter the moment the holder is done; SQLite's own busy handler
-    polls in sleeps of up to 100 ms, far too coarse for group commit."""
+    the database. SQLite's own busy handler polls in sleeps of up to 100 ms, far too coarse for
+    group commit; this waits in steps of at most 2 ms, and gives up after ``timeout`` seconds
+    (:class:`StoreBusy`), as SQLite would."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, timeout: float = 30.0) -> None:
         self._thread_lock = threading.Lock()
         self._path = path
+        self._timeout = timeout
         self._fd: int | None = None
+        self._closer: weakref.finalize[Any, Any] | None = None
 
     def __enter__(self) -> None:
-        self._thread_lock.acquire()
+        if not self._thread_lock.acquire(timeout=self._timeout):
+            raise StoreBusy(f"no write turn on the state store within {self._timeout:.0f} s")
+        try:
+            self._lock_file()
+        except BaseException:  # e.g. Ctrl-C while waiting: the next writer must not hang
+            self._thread_lock.release()
+            raise
+
+    def _lock_file(self) -> None:
         if self._path is None or fcntl is None:
             return
         try:
             if self._fd is None:
                 self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)  # the GIL is released while waiting
+                self._closer = weakref.finalize(self, os.close, self._fd)
         except OSError:  # e.g. a read-only folder: SQLite's busy handler still serializes
             log.debug("no writer lock file at %s", self._path, exc_info=True)
+            return
+        deadline = time.monotonic() + self._timeout
+        pause = 0.0001
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreBusy(
+                        f"another process has held the state store's write lock for "
+                        f"{self._timeout:.0f} s ({self._path})"
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.002)
 
     def __exit__(self, *_: object) -> None:
         try:
@@ -126,9 +153,36 @@ class _WriterLock:
         finally:
             self._thread_lock.release()
 
+    def close(self) -> None:
+        """Close the lock file (the engine is being disposed of)."""
+        if self._closer is not None:
+            self._closer()
+        self._closer, self._fd = None, None
+
+    def after_fork(self) -> None:
+        """In a forked child: its own thread lock, and its own descriptor once it writes (the
+        inherited one shares the parent's lock)."""
+        self._thread_lock = threading.Lock()
+        if self._closer is not None:
+            self._closer()
+        self._closer, self._fd = None, None
+
+
+def close_writer_lock(engine: Engine) -> None:
+    """Release what the writer lock of ``engine`` holds open (call when disposing of it)."""
+    lock = _WRITE_LOCKS.pop(engine, None)
+    if lock is not None:
+        lock.close()
+
+
+def _reset_writer_locks_after_fork() -> None:
+    for lock in list(_WRITE_LOCKS.values()):
+        lock.after_fork()
+
 
 _held = threading.local()
 _WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, _WriterLock] = weakref.WeakKeyDictionary()
+os.register_at_fork(after_in_child=_reset_writer_locks_after_fork)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from waymark.storage.tables import read_time, sqlite_time
 
@@ -22,10 +23,13 @@ _CHUNK = 500
 def _fetch(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]:
     """All rows of a read, as the driver's own tuples (SQLAlchemy's per-row wrapping costs
     more than SQLite's reading on these small, frequent look-ups)."""
+    dbapi = conn.dialect.loaded_dbapi
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         cursor.execute(sql, params)
         return list(cursor.fetchall())
+    except dbapi.Error as exc:  # as SQLAlchemy would raise it (DataError, OperationalError...)
+        raise DBAPIError.instance(sql, params, exc, dbapi.Error) from exc
     finally:
         cursor.close()
 
