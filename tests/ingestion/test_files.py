@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from waymark.access import service as access
-from waymark.core.errors import InvalidInput
+from waymark.core.errors import Conflict, InvalidInput
 from waymark.demo.generate import generate, load_demo_schema
 from waymark.hub import Hub
 from waymark.identity.graph import MergePolicy, apply_record, new_profile
@@ -575,6 +575,37 @@ def test_events_rerun_is_idempotent(hub: Hub, ws: str, tmp_path: Path) -> None:
     assert (again.rows_accepted, again.profiles_created) == (5, 2)
     assert len(message_ids(hub, ws)) == 5
     assert count(hub, profiles_table, ws) == 2
+
+
+def test_a_profiles_file_read_with_other_options_is_a_new_import(
+    hub: Hub, ws: str, tmp_path: Path
+) -> None:
+    path = write_csv(tmp_path / "people.csv", ["user_id", "country"], [["p1", "DE"], ["p2", "FR"]])
+    first = run_import(
+        hub, workspace_id=ws, kind="profiles", path=path, actor="t", mapping={"country": "ignore"}
+    )
+    assert first.rows_accepted == 2
+    with hub.tx() as conn:
+        assert "country" not in profiles.lookup(conn, ws, "user_id", "p2")["attributes"]
+    fixed = run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t")
+    assert not fixed.already_done and fixed.import_id != first.import_id
+    assert fixed.rows_accepted == 2
+    with hub.tx() as conn:
+        assert profiles.lookup(conn, ws, "user_id", "p2")["attributes"]["country"] == "FR"
+    # each reading is itself idempotent
+    again = run_import(hub, workspace_id=ws, kind="profiles", path=path, actor="t")
+    assert again.already_done and again.import_id == fixed.import_id
+    assert count(hub, profiles_table, ws) == 2
+
+
+def test_an_events_file_read_again_with_other_options_is_refused(
+    hub: Hub, ws: str, tmp_path: Path
+) -> None:
+    path = write_csv(tmp_path / "events.csv", EVENT_HEADER, event_rows(hub))
+    run_import(hub, workspace_id=ws, kind="events", path=path, actor="t")
+    with pytest.raises(Conflict, match=r"other options.*twice"):
+        run_import(hub, workspace_id=ws, kind="events", path=path, actor="t", encoding="latin-1")
+    assert len(message_ids(hub, ws)) == 5
 
 
 def test_a_crash_after_the_log_append_neither_loses_nor_duplicates(

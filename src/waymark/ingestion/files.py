@@ -980,14 +980,38 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def options_fingerprint(fmt: str, codec: str, mapping: Mapping[str, str]) -> str:
+    """What identifies how a file is read, beside its content: format, encoding (for text
+    formats) and column mapping. The same file read otherwise is another import."""
+    options = {
+        "format": fmt,
+        "encoding": codec if fmt != "parquet" else "",
+        "mapping": sorted(mapping.items()),
+    }
+    return hashlib.sha256(orjson.dumps(options, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 def _claim(
-    hub: Hub, *, workspace_id: str, kind: ImportKind, path: Path, sha256: str, actor: str
+    hub: Hub,
+    *,
+    workspace_id: str,
+    kind: ImportKind,
+    path: Path,
+    sha256: str,
+    options: str,
+    actor: str,
 ) -> _Job | ImportReport:
-    """Find or create the ``imports`` row of this file; a finished one gives its report."""
+    """Find or create the ``imports`` row of this file read with these options; a finished
+    one gives its report.
+
+    The same events file read with other options would store again every event the earlier
+    import accepted (their message ids come from the file), so that is refused with
+    :class:`Conflict`; a profiles file may be read again with other options (applying the
+    same records twice changes nothing)."""
     now = hub.clock.now()
     try:
         with hub.tx() as conn:
-            row = (
+            rows = (
                 conn.execute(
                     select(imports).where(
                         imports.c.workspace_id == workspace_id,
@@ -996,8 +1020,24 @@ def _claim(
                     )
                 )
                 .mappings()
-                .first()
+                .all()
             )
+            row = next((r for r in rows if r["options_sha256"] == options), None)
+            earlier = [
+                r
+                for r in rows
+                if r["options_sha256"] != options
+                and (r["status"] == "running" or int(r["rows_accepted"]) > 0)
+            ]
+            if kind == "events" and earlier:
+                first = earlier[0]
+                raise Conflict(
+                    f"{path.name} was imported before with other options (import "
+                    f"{first['id']}, {first['status']}, {first['rows_accepted']} events "
+                    "accepted); reading it again otherwise would store those events twice. "
+                    "Import the rows it rejected (see its error report) as a file of their "
+                    "own, or use the same options to resume or repeat it"
+                )
             if row is not None and row["status"] == "done":
                 return _done_report(conn, row)
             if row is not None:
@@ -1026,6 +1066,7 @@ def _claim(
                     kind=kind,
                     file_name=path.name[:500],
                     file_sha256=sha256,
+                    options_sha256=options,
                     status="running",
                     rows_committed=0,
                     rows_accepted=0,
@@ -3344,7 +3385,13 @@ def run_import(
     if kind == "events":
         _ = hub.events  # the embedded log may be held by a running server: fail before writing
     claimed = _claim(
-        hub, workspace_id=workspace_id, kind=kind, path=path, sha256=_sha256(path), actor=actor
+        hub,
+        workspace_id=workspace_id,
+        kind=kind,
+        path=path,
+        sha256=_sha256(path),
+        options=options_fingerprint(fmt_name, codec, plan.mapping),
+        actor=actor,
     )
     if isinstance(claimed, ImportReport):
         return claimed

@@ -257,6 +257,8 @@ imports = Table(
     Column("kind", String(16), nullable=False),  # profiles | events
     Column("file_name", String(500), nullable=False),
     Column("file_sha256", String(64), nullable=False),
+    # how the file was read (format, encoding, column mapping): another reading is another import
+    Column("options_sha256", String(64), nullable=False, server_default=""),
     Column("status", String(16), nullable=False),  # running | done | failed
     Column("rows_committed", BigInteger, nullable=False, default=0),
     Column("rows_accepted", BigInteger, nullable=False, default=0),
@@ -265,7 +267,7 @@ imports = Table(
     Column("started_at", UtcDateTime, nullable=False),
     Column("finished_at", UtcDateTime),
     Column("actor", String(200), nullable=False),
-    UniqueConstraint("workspace_id", "kind", "file_sha256"),
+    UniqueConstraint("workspace_id", "kind", "file_sha256", "options_sha256"),
 )
 
 privacy_requests = Table(
