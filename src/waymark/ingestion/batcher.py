@@ -24,7 +24,7 @@ from waymark.ingestion.pipeline import policy_of
 from waymark.ingestion.service import IngestResult, ingest_events, split_result
 from waymark.model.events import Event
 from waymark.model.schemas import Schema
-from waymark.profiles.schema_store import current_schema
+from waymark.profiles.schema_store import schema_in_force
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class GroupCommitter:
             # sorted, so that concurrent writers take per-workspace locks in one order
             for workspace_id in sorted(by_workspace):
                 members = by_workspace[workspace_id]
-                schema = current_schema(conn, workspace_id).schema
+                _version, schema = schema_in_force(conn, workspace_id)
                 outcomes.update(self._store(conn, workspace_id, schema, members, jobs, now))
         return outcomes
 

@@ -126,7 +126,7 @@ def validate_event_item(schema: Schema, event: Event) -> Event | tuple[Issue, ..
         event.previous_id,
         event.group_id,
         event.source,
-        tuple(flags),
+        tuple(dict.fromkeys(flags)),  # validated again under a newer schema: no repeats
     )
 
 
@@ -158,6 +158,22 @@ def inbox_row(
     )
 
 
+def check_events(parsed: Parsed[Event], schema: Schema) -> Parsed[Event]:
+    """Validate each parsed event against ``schema``: the valid ones coerced and flagged, the
+    others added to the errors (in index order). Pure: it can run outside the transaction."""
+    items: list[tuple[int, Event]] = []
+    errors = list(parsed.errors)
+    for index, event in parsed.items:
+        checked = validate_event_item(schema, event)
+        if isinstance(checked, tuple):
+            errors.append(ItemError(index, checked))
+        else:
+            items.append((index, checked))
+    if len(errors) != len(parsed.errors):
+        errors.sort(key=lambda e: e.index)
+    return Parsed(items, errors)
+
+
 def _alias_identity(writer: ProfileWriter, previous_id: str) -> Identity:
     """The identity ``previousId`` names: a known user_id, else a known or new anonymous_id."""
     as_user = normalize_identity("user_id", previous_id)
@@ -177,21 +193,17 @@ def ingest_events(
     shared_event_log: bool = False,
 ) -> IngestResult:
     """Validate, deduplicate, resolve and store one batch of events (caller commits)."""
+    parsed = check_events(parsed, schema)
     result = IngestResult(rejected=list(parsed.errors))
     valid: list[tuple[int, Event]] = []
     first_index: dict[str, int] = {}
     for index, event in parsed.items:
-        checked = validate_event_item(schema, event)
-        if isinstance(checked, tuple):
-            result.rejected.append(ItemError(index, checked))
-            continue
         if event.message_id in first_index:
             result.duplicates += 1
             result.duplicate_indices.append(index)
             continue
         first_index[event.message_id] = index
-        valid.append((index, checked))
-    result.rejected.sort(key=lambda e: e.index)
+        valid.append((index, event))
     if not valid:
         return result
     claimed = claim_message_ids(conn, workspace_id, [e.message_id for _, e in valid], now)

@@ -46,6 +46,33 @@ def current_schema(conn: Connection, workspace_id: str) -> SchemaVersion:
     return SchemaVersion(row.version, parse_schema(row.document), row.created_at, row.created_by)
 
 
+def schema_in_force(conn: Connection, workspace_id: str) -> tuple[int, Schema]:
+    """``(version, schema)`` in force, for the ingestion hot path: one look-up of the newest
+    version number; the document is read and compiled only when that version is new here."""
+    version = conn.execute(
+        select(func.max(schemas.c.version)).where(schemas.c.workspace_id == workspace_id)
+    ).scalar()
+    if version is None:
+        return 0, _EMPTY
+    key = (workspace_id, int(version))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        document = conn.execute(
+            select(schemas.c.document).where(
+                schemas.c.workspace_id == workspace_id, schemas.c.version == version
+            )
+        ).scalar_one()
+        compiled = parse_schema(document)
+        if len(_COMPILED) >= 256:
+            _COMPILED.clear()
+        _COMPILED[key] = compiled
+    return int(version), compiled
+
+
+_EMPTY = Schema.empty()
+_COMPILED: dict[tuple[str, int], Schema] = {}  # versions never change once saved
+
+
 def schema_history(conn: Connection, workspace_id: str) -> list[SchemaVersion]:
     """Every saved version, oldest first."""
     rows = conn.execute(
