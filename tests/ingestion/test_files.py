@@ -22,6 +22,7 @@ from waymark.hub import Hub
 from waymark.identity.graph import MergePolicy, apply_record, new_profile
 from waymark.ingestion import files
 from waymark.ingestion.files import ImportReport, run_import
+from waymark.ingestion.pipeline import Ingestor
 from waymark.model.events import Identity
 from waymark.profiles import service as profiles
 from waymark.profiles.schema_store import save_schema
@@ -606,6 +607,42 @@ def test_an_events_file_read_again_with_other_options_is_refused(
     with pytest.raises(Conflict, match=r"other options.*twice"):
         run_import(hub, workspace_id=ws, kind="events", path=path, actor="t", encoding="latin-1")
     assert len(message_ids(hub, ws)) == 5
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["waiting", "in-the-log"])
+def test_events_already_sent_over_the_api_are_not_imported_again(
+    hub: Hub, ws: str, tmp_path: Path, moved: bool
+) -> None:
+    ingestor = Ingestor(hub)
+    sent = ingestor.segment(
+        ws,
+        "track",
+        {
+            "messageId": "m2",
+            "userId": "u1",
+            "event": "product_view",
+            "timestamp": stamp(hub, 2),
+            "properties": {"sku": "A1"},
+        },
+    )
+    assert sent.accepted == 1
+    if moved:
+        ingestor.flush()
+    path = write_csv(tmp_path / "events.csv", EVENT_HEADER, event_rows(hub))
+    report = run_import(hub, workspace_id=ws, kind="events", path=path, actor="t")
+    assert (report.rows_accepted, report.rows_skipped) == (4, 1)
+    ingestor.flush()
+    assert message_ids(hub, ws) == ["m1", "m2", "m3", "m4", "m5"]
+
+
+def test_overlapping_files_store_each_event_once(hub: Hub, ws: str, tmp_path: Path) -> None:
+    rows = event_rows(hub)
+    first = write_csv(tmp_path / "a.csv", EVENT_HEADER, rows[:3])
+    second = write_csv(tmp_path / "b.csv", EVENT_HEADER, rows[1:])
+    assert run_import(hub, workspace_id=ws, kind="events", path=first, actor="t").rows_accepted == 3
+    again = run_import(hub, workspace_id=ws, kind="events", path=second, actor="t")
+    assert (again.rows_accepted, again.rows_skipped) == (2, 2)
+    assert message_ids(hub, ws) == ["m1", "m2", "m3", "m4", "m5"]
 
 
 def test_a_crash_after_the_log_append_neither_loses_nor_duplicates(

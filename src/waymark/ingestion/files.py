@@ -40,7 +40,8 @@ call it). Contracts:
   advances ``rows_committed``. ``first_seen``/``last_seen`` of existing profiles are widened
   with one grouped min/max, alongside the appends. A crash at any point neither loses nor
   duplicates an event: phases 1-2 are redone (idempotently) and rows at or below the log's
-  marker are not appended again. A row repeating an earlier row's ``message_id`` is skipped.
+  marker are not appended again. A row repeating an earlier row's ``message_id`` is skipped,
+  and so is a row whose ``message_id`` the hub already holds (from the API or another file).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ from waymark.profiles.schema_store import current_schema
 from waymark.storage.tables import (
     audit_log,
     consents,
+    event_inbox,
     identities,
     imports,
     profile_merges,
@@ -152,6 +154,7 @@ _BULK_BATCH = 50_000  # rows per transaction in the set-wise phases of events im
 _SEEN_BATCH = 50_000  # profiles per transaction when widening seen times during appends
 _KNOWN_BATCH = 250_000  # identity links read per batch from the state store
 _SQLITE_CACHE_KB = 65_536  # SQLite page cache during set-wise writes
+_KNOWN_BATCH_ROWS = 1_000_000  # message ids checked against the log per query
 _STAGE_MEMORY_MB = 384  # DuckDB's memory budget for staging an events import
 _STAGE_APPEND_MEMORY_MB = 96  # ... while the events are appended (the log needs its own)
 _WRITER_BATCH = 2_000  # records per ProfileWriter transaction
@@ -3202,6 +3205,37 @@ def _dedupe(stage: _Stage) -> None:
         stage.db.execute("DELETE FROM staged WHERE row IN (SELECT row FROM dups)")
 
 
+def _drop_known(ctx: _Context, stage: _Stage) -> None:
+    """Rows whose message id the hub already holds, in the event log or waiting in the inbox
+    (sent over the API, or by another file), are skipped, as the API skips a retried event.
+    Rows up to this import's own log marker are left alone: a resumed import appended those
+    itself, and the marker keeps them from being appended twice."""
+    hub, workspace_id = ctx.hub, ctx.job.workspace_id
+    after = hub.events.marker_value(ctx.job.marker)
+    batches = stage.batches(
+        "SELECT message_id FROM staged WHERE row > ?", [after], size=_KNOWN_BATCH_ROWS
+    )
+    known = hub.events.known_message_ids(
+        workspace_id, (t.column(0).combine_chunks() for t in batches)
+    )
+    with hub.engine.connect() as conn:
+        known.update(
+            conn.execute(
+                select(event_inbox.c.message_id).where(event_inbox.c.workspace_id == workspace_id)
+            ).scalars()
+        )
+    if not known:
+        return
+    stage.db.register("known_ids", pa.table({"id": pa.array(sorted(known), pa.string())}))
+    try:
+        stage.db.execute(
+            "DELETE FROM staged WHERE row > ? AND message_id IN (SELECT id FROM known_ids)",
+            [after],
+        )
+    finally:
+        stage.db.unregister("known_ids")
+
+
 def _validated(
     ctx: _Context, pieces: Iterable[_Piece]
 ) -> Iterator[tuple[int, pa.Table, list[RowError]]]:
@@ -3273,6 +3307,7 @@ def _import_events(
                     stage.namespaces.append(ns)
             with _phase(job, "dedupe"):
                 _dedupe(stage)
+                _drop_known(ctx, stage)
             accepted = 0
             if stage.rows:
                 with _phase(job, "resolve"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -147,6 +147,11 @@ class EventLog(Protocol):
 
     def inbox_watermark(self) -> int:
         """The highest inbox ``seq`` already appended (0 when none)."""
+        ...
+
+    def known_message_ids(self, workspace_id: str, candidates: Iterable[pa.Array]) -> set[str]:
+        """Which of the ``candidates`` (string arrays, given a batch at a time to bound memory)
+        are message ids of events the log holds for the workspace."""
         ...
 
     def merge_watermark(self) -> int:
@@ -368,6 +373,26 @@ class DuckDBEventLog:
     def inbox_watermark(self) -> int:
         return self.marker_value("inbox")
 
+    def known_message_ids(self, workspace_id: str, candidates: Iterable[pa.Array]) -> set[str]:
+        known: set[str] = set()
+        for batch in candidates:
+            if not len(batch):
+                continue
+            with self._lock:
+                cur = self._conn.cursor()
+                try:
+                    cur.register("candidate_ids", pa.table({"id": batch}))
+                    # the candidates are the hash join's build side: the log is only scanned
+                    rows = cur.execute(
+                        "SELECT DISTINCT e.message_id FROM events e JOIN candidate_ids c "
+                        "ON e.message_id = c.id WHERE e.workspace_id = ?",
+                        [workspace_id],
+                    ).fetchall()
+                finally:
+                    cur.close()
+            known.update(r[0] for r in rows)
+        return known
+
     def merge_watermark(self) -> int:
         with self._lock:
             return self._meta(self._conn.cursor(), "merges")
@@ -523,6 +548,27 @@ class PostgresEventLog:
     def merge_watermark(self) -> int:
         with self._engine.connect() as conn:
             return self._meta(conn, "merges")
+
+    def known_message_ids(self, workspace_id: str, candidates: Iterable[pa.Array]) -> set[str]:
+        known: set[str] = set()
+        with self._engine.begin() as conn:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            with raw.cursor() as cur:
+                cur.execute("CREATE TEMP TABLE candidate_ids (id text) ON COMMIT DROP")
+                for batch in candidates:
+                    # COPY, then one hash join: message_id has no index of its own
+                    cur.execute("TRUNCATE candidate_ids")
+                    with cur.copy("COPY candidate_ids (id) FROM STDIN") as copy:
+                        for value in batch.to_pylist():
+                            copy.write_row((value,))
+                    cur.execute(
+                        "SELECT DISTINCT c.id FROM candidate_ids c JOIN events e "
+                        "ON e.message_id = c.id WHERE e.workspace_id = %s",
+                        (workspace_id,),
+                    )
+                    known.update(r[0] for r in cur.fetchall())
+        return known
 
     def apply_merges(self, merges: Sequence[tuple[int, str, str, str]]) -> None:
         if not merges:
