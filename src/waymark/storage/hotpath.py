@@ -34,6 +34,22 @@ def _fetch(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]:
         cursor.close()
 
 
+def _write_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """One executemany on the driver's cursor, in the connection's transaction (SQLAlchemy's
+    per-statement machinery costs more than these small statements; errors are raised as
+    SQLAlchemy's all the same)."""
+    if not rows:
+        return
+    dbapi = conn.dialect.loaded_dbapi
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.executemany(sql, rows)
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(sql, rows, exc, dbapi.Error) from exc
+    finally:
+        cursor.close()
+
+
 def claim_message_ids(
     conn: Connection, workspace_id: str, message_ids: Sequence[str], at: datetime
 ) -> set[str]:
@@ -69,7 +85,8 @@ def claim_message_ids(
         )
     fresh = [m for m in dict.fromkeys(message_ids) if m not in seen]
     if fresh:
-        conn.exec_driver_sql(
+        _write_many(
+            conn,
             "INSERT INTO seen_messages (workspace_id, message_id, received_at) VALUES (?, ?, ?)",
             [(workspace_id, m, when) for m in fresh],
         )
@@ -115,7 +132,7 @@ def insert_inbox(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         f"INSERT INTO event_inbox ({', '.join(INBOX_COLUMNS)}) "
         f"VALUES ({', '.join([mark] * len(INBOX_COLUMNS))})"
     )
-    conn.exec_driver_sql(sql, list(rows))
+    _write_many(conn, sql, rows)
 
 
 def _marks(conn: Connection) -> str:
@@ -132,7 +149,8 @@ def insert_profiles(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     if not rows:
         return
     m, j, t = _marks(conn), _json_mark(conn), time_converter(conn)
-    conn.exec_driver_sql(
+    _write_many(
+        conn,
         "INSERT INTO profiles (id, workspace_id, attributes, attribute_meta, first_seen, "
         f"last_seen, created_at, updated_at) VALUES ({m}, {m}, {j}, {j}, {m}, {m}, {m}, {m})",
         [(r[0], r[1], r[2], r[3], t(r[4]), t(r[5]), t(r[6]), t(r[6])) for r in rows],
@@ -146,7 +164,8 @@ def update_profiles(conn: Connection, rows: Sequence[tuple[Any, ...]], now: date
         return
     m, j, t = _marks(conn), _json_mark(conn), time_converter(conn)
     when = t(now)
-    conn.exec_driver_sql(
+    _write_many(
+        conn,
         f"UPDATE profiles SET attributes = {j}, attribute_meta = {j}, first_seen = {m}, "
         f"last_seen = {m}, updated_at = {m} WHERE workspace_id = {m} AND id = {m}",
         [(r[2], r[3], t(r[4]), t(r[5]), when, r[0], r[1]) for r in rows],
@@ -160,7 +179,8 @@ def touch_profiles(
     if not touches:
         return
     m, t = _marks(conn), time_converter(conn)
-    conn.exec_driver_sql(
+    _write_many(
+        conn,
         f"UPDATE profiles SET first_seen = CASE WHEN first_seen > {m} THEN {m} "
         f"ELSE first_seen END, last_seen = CASE WHEN last_seen < {m} THEN {m} "
         f"ELSE last_seen END WHERE workspace_id = {m} AND id = {m}",
@@ -177,7 +197,8 @@ def upsert_links(conn: Connection, rows: Sequence[tuple[str, str, str, str, date
     if not rows:
         return
     m, t = _marks(conn), time_converter(conn)
-    conn.exec_driver_sql(
+    _write_many(
+        conn,
         "INSERT INTO identities (workspace_id, namespace, value, profile_id, first_seen) "
         f"VALUES ({m}, {m}, {m}, {m}, {m}) ON CONFLICT (workspace_id, namespace, value) "
         "DO UPDATE SET profile_id = excluded.profile_id, first_seen = excluded.first_seen",
