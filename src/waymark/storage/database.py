@@ -66,6 +66,9 @@ def create_state_engine(url: str, *, pool_size: int = 8) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA secure_delete=ON")  # deleted people leave no bytes behind
             cur.execute("PRAGMA busy_timeout=30000")
+            # the default 2 MB page cache is far smaller than the indexes ingestion writes into
+            # (identities, seen message ids); pages are taken only as they are used
+            cur.execute("PRAGMA cache_size=-65536")
             cur.close()
             # let SQLAlchemy's BEGIN decide; pysqlite's own transaction handling is disabled
             dbapi_conn.isolation_level = None
