@@ -17,7 +17,7 @@ from sqlalchemy import Engine, delete, select, text
 
 from waymark.storage.database import write_tx
 from waymark.storage.eventlog import EVENT_ARROW_SCHEMA, EventLog
-from waymark.storage.hotpath import INBOX_COLUMNS
+from waymark.storage.hotpath import INBOX_COLUMNS, fetch_rows
 from waymark.storage.tables import event_inbox, profile_merges
 
 log = logging.getLogger(__name__)
@@ -94,16 +94,11 @@ def flush(
         with write_tx(engine) as conn:
             # rows at or below the watermark are already in the log: finish their cleanup
             conn.execute(delete(event_inbox).where(event_inbox.c.seq <= done))
-            # the DBAPI cursor's plain tuples: SQLAlchemy's row objects cost more than the read
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.execute(
-                    f"SELECT {', '.join(INBOX_COLUMNS)}, seq FROM event_inbox "
-                    f"ORDER BY seq LIMIT {int(batch_size)}"
-                )
-                rows = cursor.fetchall()
-            finally:
-                cursor.close()
+            rows = fetch_rows(
+                conn,
+                f"SELECT {', '.join(INBOX_COLUMNS)}, seq FROM event_inbox "
+                f"ORDER BY seq LIMIT {int(batch_size)}",
+            )
         if not rows:
             break
         upto = int(rows[-1][-1])

@@ -166,9 +166,7 @@ class _WriterLock:
         """In a forked child: its own thread lock, and its own descriptor once it writes (the
         inherited one shares the parent's lock)."""
         self._thread_lock = threading.Lock()
-        if self._closer is not None:
-            self._closer()
-        self._closer, self._fd = None, None
+        self.close()
 
 
 def close_writer_lock(engine: Engine) -> None:

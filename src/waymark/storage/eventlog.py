@@ -272,10 +272,11 @@ class DuckDBEventLog:
         )
         # ``seq`` numbers come from a counter in log_meta, reserved a whole batch at a time:
         # a DuckDB sequence default costs a call per row (about a third of an append)
-        self._conn.execute(
-            "INSERT INTO log_meta SELECT 'seq', coalesce(max(seq), 0) FROM events "
-            "ON CONFLICT (key) DO NOTHING"
-        )
+        if not self._conn.execute("SELECT 1 FROM log_meta WHERE key = 'seq'").fetchall():
+            # a log created before the counter: start it after the highest seq (once)
+            self._conn.execute(
+                "INSERT INTO log_meta SELECT 'seq', coalesce(max(seq), 0) FROM events"
+            )
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         try:

@@ -20,7 +20,7 @@ from waymark.storage.tables import read_time, sqlite_time
 _CHUNK = 500
 
 
-def _fetch(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+def fetch_rows(conn: Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
     """All rows of a read, as the driver's own tuples (SQLAlchemy's per-row wrapping costs
     more than SQLite's reading on these small, frequent look-ups)."""
     dbapi = conn.dialect.loaded_dbapi
@@ -76,7 +76,7 @@ def claim_message_ids(
         marks = ",".join("?" * len(chunk))
         seen.update(
             r[0]
-            for r in _fetch(
+            for r in fetch_rows(
                 conn,
                 "SELECT message_id FROM seen_messages WHERE workspace_id = ? "
                 f"AND message_id IN ({marks})",
@@ -217,14 +217,14 @@ def find_owners(
     for i in range(0, len(values), _CHUNK):
         chunk = list(values[i : i + _CHUNK])
         if pg:
-            rows = _fetch(
+            rows = fetch_rows(
                 conn,
                 "SELECT value, profile_id, first_seen FROM identities WHERE workspace_id = %s "
                 "AND namespace = %s AND value = ANY(%s)",
                 (workspace_id, namespace, chunk),
             )
         else:
-            rows = _fetch(
+            rows = fetch_rows(
                 conn,
                 "SELECT value, profile_id, first_seen FROM identities WHERE workspace_id = ? "
                 f"AND namespace = ? AND value IN ({','.join('?' * len(chunk))})",
