@@ -35,6 +35,13 @@ def _peak_rss_mb() -> float:
     return max(own, children) / 1024  # ru_maxrss is in KiB on Linux
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system, every thread) this process and its children used so far."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1)
+
+
 def _generate(out: str, profiles: int, fmt: str, seed: int, days: int) -> dict[str, Any]:
     from waymark.demo.generate import generate
 
@@ -119,6 +126,7 @@ def _import(data: str, source: str, kind: str, fmt: str, chunk_rows: int) -> dic
         "seconds": seconds,
         "rows_per_second": report.rows_read / seconds if seconds else 0.0,
         "peak_rss_mb": _peak_rss_mb(),
+        "cpu_seconds": _cpu_seconds(),
         "phases": {k: round(v, 2) for k, v in sorted(phases.seconds.items())},
         "events_in_log": in_log,
     }
@@ -219,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         events = _in_child(_import, str(data), str(source), "events", args.format, args.chunk_rows)
         print(
             f"events: {events['report']['rows_accepted']:,} in {events['seconds']:.1f} s = "
-            f"{events['rows_per_second']:,.0f} events/s, peak RSS {events['peak_rss_mb']:.0f} MB"
+            f"{events['rows_per_second']:,.0f} events/s, peak RSS {events['peak_rss_mb']:.0f} MB, "
+            f"CPU {events['cpu_seconds']:.0f} s"
         )
         print(f"events phases (s): {events['phases']}")
         print(f"wall time of both imports: {people['seconds'] + events['seconds']:.1f} s")
@@ -243,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 "profiles": round(people["peak_rss_mb"]),
                 "events": round(events["peak_rss_mb"]),
             },
+            "cpu_seconds": {"profiles": people.get("cpu_seconds"), "events": events["cpu_seconds"]},
             "phases": {"profiles": people["phases"], "events": events["phases"]},
             "all_loaded": ok,
             **machine,

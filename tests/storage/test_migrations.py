@@ -1,0 +1,83 @@
+"""Migrations keep the rows they rebuild (SQLite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from sqlalchemy import text
+
+from waymark.storage.database import _alembic_config, create_state_engine, migrate, write_tx
+
+REBUILT = ("seen_messages", "identities", "consents")
+
+
+def _layout(conn: object) -> dict[str, bool]:
+    rows = conn.execute(  # type: ignore[attr-defined]
+        text(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name IN ({})".format(
+                ", ".join(f"'{t}'" for t in REBUILT)
+            )
+        )
+    ).all()
+    return {name: sql.rstrip().endswith("WITHOUT ROWID") for name, sql in rows}
+
+
+def test_without_rowid_rebuild_keeps_rows_and_indexes_both_ways(tmp_path: Path) -> None:
+    engine = create_state_engine(f"sqlite:///{tmp_path / 'state.db'}")
+    with write_tx(engine) as conn:
+        cfg = _alembic_config(engine)
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+        conn.execute(
+            text(
+                "INSERT INTO workspaces (id, name, settings, created_at) "
+                "VALUES ('w', 'shop', '{}', '2026-01-01 00:00:00.000000')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO seen_messages VALUES ('w', 'm1', '2026-01-01 00:00:00.000000'), "
+                "('w', 'm2', '2026-01-02 00:00:00.000000')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO identities VALUES "
+                "('w', 'email', 'a@example.com', 'p1', '2026-01-01 00:00:00.000000')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO consents VALUES "
+                "('w', 'p1', 'email', 'marketing', 'opted_in', '2026-01-01 00:00:00.000000', 'api')"
+            )
+        )
+        assert _layout(conn) == dict.fromkeys(REBUILT, False)
+    migrate(engine)
+    with engine.connect() as conn:
+        assert _layout(conn) == dict.fromkeys(REBUILT, True)
+        assert conn.execute(text("SELECT count(*) FROM seen_messages")).scalar() == 2
+        assert conn.execute(text("SELECT profile_id FROM identities")).scalar() == "p1"
+        assert conn.execute(text("SELECT status FROM consents")).scalar() == "opted_in"
+        indexes = set(
+            conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'index'")).scalars()
+        )
+        assert {"ix_seen_messages_received", "ix_identities_profile", "ix_consents_profile"} <= (
+            indexes
+        )
+        # look-ups by identity use the table's own key
+        plan = conn.execute(
+            text(
+                "EXPLAIN QUERY PLAN SELECT * FROM identities WHERE workspace_id = 'w' "
+                "AND namespace = 'email' AND value = 'a@example.com'"
+            )
+        ).all()
+        assert "PRIMARY KEY" in " ".join(str(r[-1]) for r in plan)
+    with write_tx(engine) as conn:
+        cfg = _alembic_config(engine)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0002")
+        assert _layout(conn) == dict.fromkeys(REBUILT, False)
+        assert conn.execute(text("SELECT count(*) FROM seen_messages")).scalar() == 2
+    engine.dispose()
