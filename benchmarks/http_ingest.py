@@ -35,25 +35,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by process ``pid`` and its children (Linux /proc;
-    0 elsewhere): what the server spends, whatever else the machine runs."""
+def tree_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system) used so far by process ``pid`` ("api") and each of its
+    children, by process name (``waymark-store``, ``waymark-parse``, ...; Linux /proc, empty
+    elsewhere): what the server spends, whatever else the machine runs."""
     proc = Path("/proc")
     if not proc.exists():
-        return 0.0
+        return {}
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    spent: dict[str, float] = {}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            head, tail = (entry / "stat").read_text().rsplit(")", 1)
         except OSError:
             continue
+        fields = tail.split()
         # after the command: state, ppid, ..., utime (index 11), stime (index 12)
         if int(entry.name) == pid or int(fields[1]) == pid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+            name = "api" if int(entry.name) == pid else head.split("(", 1)[1]
+            spent[name] = spent.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return spent
+
+
+def cpu_us_per_event(before: dict[str, float], after: dict[str, float], events: int) -> Any:
+    """Server CPU per event between two readings: in total and per process name."""
+    per = {k: round((v - before.get(k, 0.0)) / events * 1e6, 1) for k, v in sorted(after.items())}
+    return round(sum(per.values()), 1), {k: v for k, v in per.items() if v >= 0.5}
 
 
 def own_cpu_seconds() -> float:
@@ -214,9 +223,11 @@ def main() -> None:
                 users=args.users,
             )
         )
-        batched["server_cpu_us_per_event"] = round(
-            (tree_cpu_seconds(server.pid) - server_cpu) / batched["events"] * 1e6, 1
+        total, per_process = cpu_us_per_event(
+            server_cpu, tree_cpu_seconds(server.pid), batched["events"]
         )
+        batched["server_cpu_us_per_event"] = total
+        batched["server_cpu_us_per_event_by_process"] = per_process
         batched["client_cpu_us_per_event"] = round(
             (own_cpu_seconds() - client_cpu) / batched["events"] * 1e6, 1
         )
@@ -244,7 +255,8 @@ def main() -> None:
         f"batches of {args.batch}, {args.concurrency} connections: "
         f"{batched['events_per_s']:,} events/s acknowledged durable "
         f"(p50 {batched['p50_ms']} ms, p99 {batched['p99_ms']} ms per batch); CPU per event: "
-        f"server {batched['server_cpu_us_per_event']} µs, client "
+        f"server {batched['server_cpu_us_per_event']} µs "
+        f"{batched['server_cpu_us_per_event_by_process']}, client "
         f"{batched['client_cpu_us_per_event']} µs"
     )
     print(

@@ -49,8 +49,16 @@ class Settings(BaseModel):
         default=1,
         ge=0,
         le=32,
-        description="worker processes of `serve` that parse and store ingested events "
+        description="worker processes of `serve` that store ingested events "
         "(0: all in the API process)",
+    )
+    parse_workers: int = Field(
+        default=1,
+        ge=0,
+        le=32,
+        description="worker processes of `serve` that decode, parse and validate ingested "
+        "events before a store worker stores them (0: the store workers parse too; unused "
+        "when ingest_workers is 0)",
     )
     event_log_memory_mb: int = Field(
         default=256,

@@ -22,7 +22,7 @@ from waymark.profiles import service as profiles
 
 @pytest.fixture
 def pool(hub: Hub) -> Iterator[IngestPool]:
-    p = IngestPool(hub.settings, 1)
+    p = IngestPool(hub.settings, 1, parsers=1)  # the default shape of `serve`
     try:
         yield p
     finally:
@@ -111,10 +111,12 @@ def test_concurrent_requests_are_each_answered_with_their_own_outcome(
     assert sum(len(r.accepted_indices) for r in results) == 80
 
 
-def _wait_for_live_worker(pool: IngestPool, not_this: object, seconds: float = 60) -> None:
+def _wait_for_live_worker(
+    pool: IngestPool, not_this: object, seconds: float = 60, *, role: str = "store"
+) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        workers = pool._workers
+        workers = pool._workers if role == "store" else pool._parsers
         if workers[0] is not not_this and workers[0].alive:
             return
         time.sleep(0.05)
@@ -134,6 +136,81 @@ def test_a_dead_worker_is_replaced_in_the_background(hub: Hub, pool: IngestPool)
         _store(pool, hub, ws, _batch("meanwhile"))
     _wait_for_live_worker(pool, worker)
     assert _store(pool, hub, ws, _batch("after")).accepted == 1
+
+
+def test_without_a_parse_worker_the_store_worker_parses_and_a_new_one_starts(
+    hub: Hub, pool: IngestPool
+) -> None:
+    ws = _workspace(hub)
+    parser = pool._parsers[0]
+    assert parser.process.pid is not None
+    os.kill(parser.process.pid, signal.SIGKILL)
+    parser.process.join(10)
+    parser.reader.join(10)
+    # a request in the parser's hands at that moment fails (503); the next ones go straight
+    # to the store worker, which parses them itself, with the same outcome
+    with contextlib.suppress(WorkerFailed):
+        _store(pool, hub, ws, _batch("meanwhile"))
+    mixed = orjson.dumps(
+        {
+            "batch": [
+                {"type": "track", "event": "a", "messageId": "np-1", "userId": "u1"},
+                {"type": "track", "event": "b", "messageId": "np-2"},  # no identity
+            ]
+        }
+    )
+    alone = _store(pool, hub, ws, mixed)
+    assert alone.accepted == 1
+    assert [e.index for e in alone.rejected] == [1]
+    _wait_for_live_worker(pool, parser, role="parse")
+    assert pool._parsers[0].process.pid != parser.process.pid
+    assert _store(pool, hub, ws, _batch("after")).accepted == 1
+
+
+def test_a_batch_is_validated_by_the_parse_worker_against_the_schema_in_force(
+    hub: Hub, pool: IngestPool
+) -> None:
+    from waymark.profiles.schema_store import save_schema
+
+    ws = _workspace(hub)
+    with hub.tx() as conn:
+        save_schema(
+            conn,
+            workspace_id=ws,
+            document={
+                "unknown_events": "reject",
+                "events": {"purchase": {"properties": {"revenue": {"type": "number"}}}},
+            },
+            actor="t",
+            at=hub.clock.now(),
+        )
+    raw = orjson.dumps(
+        {
+            "batch": [
+                {
+                    "type": "track",
+                    "event": "purchase",
+                    "messageId": "s1",
+                    "userId": "u1",
+                    "properties": {"revenue": 12.5},
+                },
+                {
+                    "type": "track",
+                    "event": "purchase",
+                    "messageId": "s2",
+                    "userId": "u1",
+                    "properties": {"revenue": "lots"},
+                },
+                {"type": "track", "event": "unheard_of", "messageId": "s3", "userId": "u1"},
+            ]
+        }
+    )
+    result = _store(pool, hub, ws, raw)
+    assert result.accepted == 1
+    assert [(e.index, e.issues[0].path) for e in result.rejected] == [
+        (1, "properties.revenue"),
+        (2, "event"),
+    ]
 
 
 def test_ctrl_c_reaches_the_api_process_not_the_workers(hub: Hub, pool: IngestPool) -> None:

@@ -8,6 +8,7 @@ concurrent requests); everything else runs in FastAPI's thread pool.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import tempfile
 import zlib
@@ -138,7 +139,12 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
 
             if settings.ingest_workers:
                 state["pool"] = await run_in_threadpool(
-                    IngestPool, settings, settings.ingest_workers
+                    functools.partial(
+                        IngestPool,
+                        settings,
+                        settings.ingest_workers,
+                        parsers=settings.parse_workers,
+                    )
                 )
             task = asyncio.create_task(run_background(hub))
         try:

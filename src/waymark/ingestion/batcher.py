@@ -21,7 +21,7 @@ from waymark.hub import Hub
 from waymark.identity.graph import MergePolicy
 from waymark.ingestion.payloads import ItemError, Parsed
 from waymark.ingestion.pipeline import policy_of
-from waymark.ingestion.service import IngestResult, ingest_events, split_result
+from waymark.ingestion.service import IngestResult, check_events, ingest_events, split_result
 from waymark.model.events import Event
 from waymark.model.schemas import Schema
 from waymark.profiles.schema_store import schema_in_force
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 class _Job:
     workspace_id: str
     parsed: Parsed[Event]
+    #: the schema version the items were validated against (None: not validated yet)
+    checked: int | None = None
     future: Future[IngestResult] = field(default_factory=Future)
 
     @property
@@ -56,9 +58,14 @@ class GroupCommitter:
         """Start the writer thread (when constructed with ``start=False``)."""
         self._thread.start()
 
-    def submit(self, workspace_id: str, parsed: Parsed[Event]) -> Future[IngestResult]:
-        """Queue a batch; the future resolves after its transaction commits."""
-        job = _Job(workspace_id, parsed)
+    def submit(
+        self, workspace_id: str, parsed: Parsed[Event], *, checked: int | None = None
+    ) -> Future[IngestResult]:
+        """Queue a batch; the future resolves after its transaction commits.
+
+        ``checked`` is the schema version the items were already validated against
+        (:func:`check_events`); under any other version in force they are validated again."""
+        job = _Job(workspace_id, parsed, checked)
         self._queue.put(job)
         return job.future
 
@@ -119,7 +126,12 @@ class GroupCommitter:
             # sorted, so that concurrent writers take per-workspace locks in one order
             for workspace_id in sorted(by_workspace):
                 members = by_workspace[workspace_id]
-                _version, schema = schema_in_force(conn, workspace_id)
+                version, schema = schema_in_force(conn, workspace_id)
+                for n in members:
+                    job = jobs[n]
+                    if job.checked != version:  # not validated, or under another version
+                        job.parsed = check_events(job.parsed, schema)
+                        job.checked = version
                 outcomes.update(self._store(conn, workspace_id, schema, members, jobs, now))
         return outcomes
 
@@ -139,6 +151,7 @@ class GroupCommitter:
             policy=self.policy,
             now=now,
             shared_event_log=self.hub.settings.shared_event_log,
+            validated=True,
         )
 
     def _store(

@@ -191,9 +191,14 @@ def ingest_events(
     policy: MergePolicy,
     now: datetime,
     shared_event_log: bool = False,
+    validated: bool = False,
 ) -> IngestResult:
-    """Validate, deduplicate, resolve and store one batch of events (caller commits)."""
-    parsed = check_events(parsed, schema)
+    """Validate, deduplicate, resolve and store one batch of events (caller commits).
+
+    ``validated``: the items went through :func:`check_events` against ``schema`` already
+    (an ingestion worker did it before handing the batch over), so they are not again."""
+    if not validated:
+        parsed = check_events(parsed, schema)
     result = IngestResult(rejected=list(parsed.errors))
     valid: list[tuple[int, Event]] = []
     first_index: dict[str, int] = {}
