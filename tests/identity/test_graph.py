@@ -24,6 +24,7 @@ from waymark.identity.graph import (
     pick_value,
     resolve,
     visible_attributes,
+    widen_seen,
 )
 from waymark.model.events import Identity
 
@@ -501,3 +502,25 @@ def test_unique_claims_of_merged_profiles_constrain_later_ones() -> None:
 def test_resolve_rejects_an_owner_without_the_identity() -> None:
     with pytest.raises(ValueError, match="not on its owner"):
         resolve([i("email:e")], {i("email:e"): profile("P1", "email:f")}, DEFAULT)
+
+
+@given(
+    first=st.integers(0, 1000),
+    span=st.integers(0, 1000),
+    a=st.integers(-2000, 2000),
+    b=st.integers(0, 2000),
+)
+def test_widening_the_seen_interval_equals_rebuilding_the_profile(
+    first: int, span: int, a: int, b: int
+) -> None:
+    state = profile("p", "user_id:u", "email:e@x", first=first, last=first + span)
+    wider = widen_seen(state, t(a), t(a + b))
+    expected = replace(
+        state,
+        first_seen=min(state.first_seen, t(a)),
+        last_seen=max(state.last_seen, t(a + b)),
+    )
+    assert wider == expected
+    assert hash(wider) == hash(expected)
+    with pytest.raises(ValueError):
+        widen_seen(state, t(a + b + 1), t(a))

@@ -157,6 +157,26 @@ def new_profile(profile_id: str, at: datetime) -> ProfileState:
     return ProfileState(profile_id, (), {}, at, at)
 
 
+def widen_seen(state: ProfileState, first: datetime, last: datetime) -> ProfileState:
+    """``state`` with its seen-interval widened to include ``first`` and ``last``.
+
+    The ingestion hot path does this for most events, so the copy skips ``__post_init__``:
+    its identities and attributes are ``state``'s own (already sorted and read-only), and
+    widening keeps ``first_seen <= last_seen``."""
+    if last < first:
+        raise ValueError("last precedes first")
+    wider = object.__new__(ProfileState)
+    for name, value in (
+        ("profile_id", state.profile_id),
+        ("identities", state.identities),
+        ("attributes", state.attributes),
+        ("first_seen", min(state.first_seen, first)),
+        ("last_seen", max(state.last_seen, last)),
+    ):
+        object.__setattr__(wider, name, value)
+    return wider
+
+
 def visible_attributes(state: ProfileState) -> dict[str, Any]:
     """Return the profile's attribute values, leaving out explicitly unset (``None``) ones."""
     return {k: v.value for k, v in state.attributes.items() if v.value is not None}

@@ -10,7 +10,7 @@ the event log re-points too). The caller owns the transaction.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +30,7 @@ from waymark.identity.graph import (
     new_profile,
     resolve,
     visible_attributes,
+    widen_seen,
 )
 from waymark.model.events import ConsentStatus, ConsentUpdate, Identity
 from waymark.storage import hotpath
@@ -59,13 +60,6 @@ def state_from_row(row: Mapping[Any, Any], links: Iterable[LinkedIdentity]) -> P
         for key, m in meta.items()
     }
     return ProfileState(row["id"], tuple(links), values, row["first_seen"], row["last_seen"])
-
-
-def _widen(state: ProfileState, first: datetime, last: datetime) -> ProfileState:
-    """``state`` with its seen-interval widened to include ``first`` and ``last``."""
-    return replace(
-        state, first_seen=min(state.first_seen, first), last_seen=max(state.last_seen, last)
-    )
 
 
 def _row_json(state: ProfileState) -> tuple[str, str]:
@@ -173,7 +167,7 @@ class ProfileWriter:
                 self.stored.add(row["id"])
                 touch = self.touches.pop(row["id"], None)
                 if touch is not None:
-                    state = _widen(state, *touch)
+                    state = widen_seen(state, *touch)
                     self.dirty.add(row["id"])
                 self.states[row["id"]] = state
 
@@ -249,7 +243,7 @@ class ProfileWriter:
         state = self.states.get(pid)
         if state is not None:
             if at > state.last_seen or at < state.first_seen:
-                self.states[pid] = _widen(state, at, at)
+                self.states[pid] = widen_seen(state, at, at)
                 self.dirty.add(pid)
             return pid
         known = self.touches.get(pid)

@@ -51,6 +51,7 @@ import collections
 import contextlib
 import csv
 import functools
+import gc
 import hashlib
 import io
 import logging
@@ -2458,22 +2459,23 @@ def _insert_rows(
     already are skipped."""
     names = list(columns)
     lite = conn.dialect.name == "sqlite"
-    values = [_python_values(columns[n], sqlite_text=lite) for n in names]
-    if not values or not values[0]:
-        return
-    if lite:
-        conflict = f" ON CONFLICT ({', '.join(ignore_keys)}) DO NOTHING" if ignore_keys else ""
-        sql = (
-            f"INSERT INTO {table.name} ({', '.join(names)}) "
-            f"VALUES ({', '.join('?' for _ in names)}){conflict}"
-        )
-        conn.exec_driver_sql(sql, list(zip(*values, strict=True)))
-        return
-    rows = [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
-    stmt: Any = insert(table)
-    if ignore_keys:
-        stmt = postgresql.insert(table).on_conflict_do_nothing(index_elements=list(ignore_keys))
-    conn.execute(stmt, rows)
+    with _gc_paused():
+        values = [_python_values(columns[n], sqlite_text=lite) for n in names]
+        if not values or not values[0]:
+            return
+        if lite:
+            conflict = f" ON CONFLICT ({', '.join(ignore_keys)}) DO NOTHING" if ignore_keys else ""
+            sql = (
+                f"INSERT INTO {table.name} ({', '.join(names)}) "
+                f"VALUES ({', '.join('?' for _ in names)}){conflict}"
+            )
+            conn.exec_driver_sql(sql, list(zip(*values, strict=True)))
+            return
+        rows = [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+        stmt: Any = insert(table)
+        if ignore_keys:
+            stmt = postgresql.insert(table).on_conflict_do_nothing(index_elements=list(ignore_keys))
+        conn.execute(stmt, rows)
 
 
 def _repeat(value: Any, n: int) -> list[Any]:
@@ -2498,6 +2500,20 @@ def _phase(job: _Job, name: str) -> Iterator[None]:
         elapsed = time.perf_counter() - started
         job.timings[name] = job.timings.get(name, 0.0) + elapsed
         log.debug("import phase", extra={"import_id": job.id, "phase": name, "seconds": elapsed})
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while millions of short-lived rows (tuples,
+    which it tracks) are built and dropped: it would scan them again and again for cycles
+    they cannot form. Reference counting still frees them."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _release_memory() -> None:
@@ -2639,18 +2655,24 @@ def _load_known(hub: Hub, workspace_id: str, stage: _Stage) -> None:
                 query.where(identities.c.workspace_id == workspace_id)
             )
             fetch = result.fetchmany
-        while part := fetch(_KNOWN_BATCH):
-            ns, value, pid = zip(*part, strict=True)
-            stage.put(
-                "known",
-                pa.table(
-                    {
-                        "ns": pa.array(ns, pa.string()),
-                        "value": pa.array(value, pa.string()),
-                        "profile_id": pa.array(pid, pa.string()),
-                    }
-                ),
-            )
+        with _gc_paused():
+            _copy_known(stage, fetch)
+
+
+def _copy_known(stage: _Stage, fetch: Callable[[int], Sequence[Any]]) -> None:
+    """Append ``(namespace, value, profile_id)`` rows read by ``fetch`` to ``known``."""
+    while part := fetch(_KNOWN_BATCH):
+        ns, value, pid = zip(*part, strict=True)
+        stage.put(
+            "known",
+            pa.table(
+                {
+                    "ns": pa.array(ns, pa.string()),
+                    "value": pa.array(value, pa.string()),
+                    "profile_id": pa.array(pid, pa.string()),
+                }
+            ),
+        )
 
 
 def _components(stage: _Stage, max_rounds: int = 1000) -> None:
