@@ -10,14 +10,18 @@ from starlette.concurrency import run_in_threadpool
 from waymark.hub import Hub
 from waymark.ingestion.mover import flush
 from waymark.profiles.service import finish_deletions
+from waymark.storage.database import checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def flush_once(hub: Hub) -> int:
-    """Move waiting events to the log once; returns how many moved."""
+    """Move waiting events to the log once, then checkpoint the SQLite WAL (so the
+    ingestion writer's commits need not); returns how many moved."""
     with hub.mover_lock:
-        return flush(hub.engine, hub.events, shared=hub.settings.shared_event_log).events
+        moved = flush(hub.engine, hub.events, shared=hub.settings.shared_event_log).events
+    checkpoint(hub.engine)
+    return moved
 
 
 def finish_pending_deletions(hub: Hub) -> int:

@@ -171,6 +171,7 @@ def _worker_main(settings_data: dict[str, Any], conn: Connection, role: Role = "
     configure(settings.log_level, settings.log_format)
     hub = Hub.open(settings, migrate_now=False)
     committer = GroupCommitter(hub) if role == "store" else None
+    schemas = _Schemas(hub)
     limits = Limits(
         max_event_bytes=settings.max_event_bytes,
         max_future=settings.max_future,
@@ -214,7 +215,7 @@ def _worker_main(settings_data: dict[str, Any], conn: Connection, role: Role = "
                         limits=limits,
                     )
                 if committer is None:
-                    version, schema = _schema_of(hub, req.workspace_id)
+                    version, schema = schemas.of(req.workspace_id)
                     checked = check_events(parsed, schema)
                     blob = pickle.dumps(checked, protocol=pickle.HIGHEST_PROTOCOL)
                     answer(req.rid, ("parsed", version, blob))
@@ -240,10 +241,28 @@ def _name_process(name: str) -> None:
         libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
-def _schema_of(hub: Hub, workspace_id: str) -> tuple[int, Schema]:
-    """The workspace's schema version in force and its compiled schema (a read)."""
-    with hub.engine.connect() as conn:
-        return schema_in_force(conn, workspace_id)
+class _Schemas:
+    """The schema in force per workspace, as a parse worker sees it: read at most once per
+    ``ttl`` seconds. A version that is out of date costs only time, never correctness: the
+    store worker validates a batch again when it was checked under another version than
+    the one in force at its commit."""
+
+    def __init__(self, hub: Hub, ttl: float = 1.0) -> None:
+        self._hub = hub
+        self._ttl = ttl
+        self._known: dict[str, tuple[float, int, Schema]] = {}
+
+    def of(self, workspace_id: str) -> tuple[int, Schema]:
+        now = time.monotonic()
+        known = self._known.get(workspace_id)
+        if known is not None and now - known[0] < self._ttl:
+            return known[1], known[2]
+        with self._hub.engine.connect() as conn:
+            version, schema = schema_in_force(conn, workspace_id)
+        if len(self._known) >= 1024:
+            self._known.clear()
+        self._known[workspace_id] = (now, version, schema)
+        return version, schema
 
 
 # -- the API process's side ------------------------------------------------------------------

@@ -31,6 +31,7 @@ except ImportError:  # not on Windows: threads still queue, processes use SQLite
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
+WAL_BACKSTOP_PAGES = 20_000  # 80 MB of 4 KB pages
 
 
 def _json_dumps(value: Any) -> str:
@@ -69,6 +70,10 @@ def create_state_engine(url: str, *, pool_size: int = 8) -> Engine:
             # the default 2 MB page cache is far smaller than the indexes ingestion writes into
             # (identities, seen message ids); pages are taken only as they are used
             cur.execute("PRAGMA cache_size=-65536")
+            # a commit that finds the WAL beyond this many pages copies it into the database
+            # first; `serve` checkpoints every second off the writer's path (checkpoint()),
+            # so this is only the backstop (the default, 1000 pages, falls on the writer)
+            cur.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
             cur.close()
             # let SQLAlchemy's BEGIN decide; pysqlite's own transaction handling is disabled
             dbapi_conn.isolation_level = None
@@ -204,6 +209,19 @@ def write_tx(engine: Engine) -> Iterator[Connection]:
                     yield conn
         finally:
             _held.engine = None
+
+
+def checkpoint(engine: Engine) -> None:
+    """Copy committed WAL pages into the SQLite database file (PASSIVE: writers and readers
+    go on meanwhile; nothing happens on other backends). Called off the writers' path so
+    their commits do not do it."""
+    if engine.dialect.name != "sqlite":
+        return
+    raw = engine.raw_connection()
+    try:
+        raw.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        raw.close()
 
 
 def _alembic_config(engine: Engine) -> Config:
