@@ -91,14 +91,20 @@ def flush(
     moved = 0
     while True:
         done = events.inbox_watermark()
-        with write_tx(engine) as conn:
-            # rows at or below the watermark are already in the log: finish their cleanup
-            conn.execute(delete(event_inbox).where(event_inbox.c.seq <= done))
+        # read without the write lock (the ingestion writer goes on meanwhile): a snapshot
+        # holds a prefix of the inbox in seq order, as writers commit one at a time
+        with engine.connect() as conn:
             rows = fetch_rows(
                 conn,
                 f"SELECT {', '.join(INBOX_COLUMNS)}, seq FROM event_inbox "
                 f"ORDER BY seq LIMIT {int(batch_size)}",
             )
+        if rows and int(rows[0][-1]) <= done:
+            # rows already in the log (a crash came between the append and the cleanup):
+            # finish their cleanup, then read again
+            with write_tx(engine) as conn:
+                conn.execute(delete(event_inbox).where(event_inbox.c.seq <= done))
+            continue
         if not rows:
             break
         upto = int(rows[-1][-1])

@@ -115,6 +115,7 @@ class Event:
 
 
 _EVENT_TYPES = {t.value: t for t in EventType}
+_tuple_new = tuple.__new__
 
 
 def _event_from_fields(
@@ -139,7 +140,7 @@ def _event_from_fields(
         name,
         timestamp,
         received_at,
-        tuple(Identity(ns, value) for ns, value in identities),
+        tuple([_tuple_new(Identity, pair) for pair in identities]),  # twice as fast as calls
         properties,
         traits,
         context,
