@@ -55,9 +55,9 @@ def claim_message_ids(
 ) -> set[str]:
     """Record ``message_ids`` as seen; return those not seen before (the caller's to store).
 
-    SQLite holds the write lock for the whole transaction (``BEGIN IMMEDIATE``), so a read then
-    an insert cannot race; PostgreSQL uses one ``ON CONFLICT DO NOTHING RETURNING`` statement,
-    which settles concurrent claims of the same id in favour of exactly one transaction.
+    Both backends use ``INSERT … ON CONFLICT DO NOTHING RETURNING``, which settles concurrent
+    claims of the same id in favour of exactly one transaction (SQLite holds the write lock for
+    the whole transaction anyway, ``BEGIN IMMEDIATE``).
     """
     if not message_ids:
         return set()
@@ -70,27 +70,25 @@ def claim_message_ids(
             (workspace_id, when, list(message_ids)),
         )
         return {r[0] for r in rows}
-    seen: set[str] = set()
-    for i in range(0, len(message_ids), _CHUNK):
-        chunk = list(message_ids[i : i + _CHUNK])
-        marks = ",".join("?" * len(chunk))
-        seen.update(
+    fresh: set[str] = set()
+    unique = list(dict.fromkeys(message_ids))
+    for i in range(0, len(unique), _CHUNK):
+        chunk = unique[i : i + _CHUNK]
+        params: list[str] = []
+        for m in chunk:
+            params += (workspace_id, m, when)
+        # one statement claims the chunk and names the ids it took (RETURNING, SQLite 3.35+)
+        fresh.update(
             r[0]
             for r in fetch_rows(
                 conn,
-                "SELECT message_id FROM seen_messages WHERE workspace_id = ? "
-                f"AND message_id IN ({marks})",
-                (workspace_id, *chunk),
+                "INSERT INTO seen_messages (workspace_id, message_id, received_at) VALUES "
+                + ",".join(["(?, ?, ?)"] * len(chunk))
+                + " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING message_id",
+                params,
             )
         )
-    fresh = [m for m in dict.fromkeys(message_ids) if m not in seen]
-    if fresh:
-        _write_many(
-            conn,
-            "INSERT INTO seen_messages (workspace_id, message_id, received_at) VALUES (?, ?, ?)",
-            [(workspace_id, m, when) for m in fresh],
-        )
-    return set(fresh)
+    return fresh
 
 
 INBOX_COLUMNS = (

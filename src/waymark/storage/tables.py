@@ -186,7 +186,6 @@ identities = Table(
     Column("profile_id", Id, nullable=False),
     Column("first_seen", UtcDateTime, nullable=False),
     Index("ix_identities_profile", "workspace_id", "profile_id"),
-    sqlite_with_rowid=False,  # one B-tree: the rows live in the key (migration 0003)
 )
 
 profile_merges = Table(
@@ -213,7 +212,6 @@ consents = Table(
     Column("updated_at", UtcDateTime, nullable=False),
     Column("source", String(100), nullable=False),
     Index("ix_consents_profile", "workspace_id", "profile_id"),
-    sqlite_with_rowid=False,
 )
 
 seen_messages = Table(
@@ -223,7 +221,7 @@ seen_messages = Table(
     Column("message_id", String(255), primary_key=True),
     Column("received_at", UtcDateTime, nullable=False),
     Index("ix_seen_messages_received", "received_at"),
-    sqlite_with_rowid=False,
+    sqlite_with_rowid=False,  # one B-tree: the rows live in the key (migration 0003)
 )
 
 # Acknowledged events wait here (durable, in the state store's transaction) until the mover
