@@ -792,3 +792,41 @@ def test_parquet_events_with_struct_properties_and_text_times(
         {"sku": "A3", "price": 7.5, "session": 8},
         {"sku": "A1", "price": 5.0, "session": 7},
     ]
+
+
+def test_a_staging_statement_that_runs_out_of_memory_runs_again_on_one_thread(
+    tmp_path: Path,
+) -> None:
+    import duckdb
+
+    from waymark.ingestion.files import _Stage
+
+    stage = _Stage(tmp_path)
+    real = stage.db
+    seen: list[str] = []
+
+    class OnceShort:
+        """DuckDB as it behaves under memory pressure: the first big statement fails."""
+
+        failed = False
+
+        def execute(self, query: str, params: object = None) -> object:
+            seen.append(query)
+            if query.startswith("CREATE") and not self.failed:
+                self.failed = True
+                raise duckdb.OutOfMemoryException("failed to pin block (test)")
+            return real.execute(query, params or [])
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    stage.db = OnceShort()  # type: ignore[assignment]
+    try:
+        stage.execute("CREATE OR REPLACE TABLE t AS SELECT range AS n FROM range(10)")
+        assert stage.one("SELECT count(*) FROM t") == 10
+        assert "SET threads = 1" in seen
+        assert seen[-2].startswith("SET threads = ")  # restored after the retry
+        assert real.execute("SELECT current_setting('threads')").fetchall()[0][0] >= 1
+    finally:
+        stage.db = real
+        stage.close()

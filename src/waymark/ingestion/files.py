@@ -161,7 +161,8 @@ _STAGE_APPEND_MEMORY_MB = 96  # ... while the events are appended (the log needs
 _WRITER_BATCH = 2_000  # records per ProfileWriter transaction
 _PARALLEL_ROWS = 100_000  # profile files this large are converted by worker processes
 _PARALLEL_BYTES = 32 << 20
-_APPEND_ROWS = 200_000  # rows per event log append (DuckDB appends best in large batches)
+_APPEND_ROWS = 150_000  # rows per event log append: large batches append best, but two are in
+# memory at once (one prepared, one appending), which sets the peak of a large import
 _VALIDATE_THREADS = 4  # at most, one per core
 _CHECK_CACHE = 50_000  # distinct (event, properties) validations remembered
 _IMPORTABLE_TYPES = (EventType.TRACK, EventType.IDENTIFY, EventType.PAGE, EventType.SCREEN)
@@ -2336,6 +2337,21 @@ class _Stage:
         del narrow, table
         _release_memory()  # this thread's share of Arrow's allocator
 
+    def execute(self, query: str, params: Sequence[Any] = ()) -> None:
+        """Run one statement of the set-wise phases. Should DuckDB run out of its budget (a
+        join or sort it could not spill, which memory pressure makes depend on timing), it
+        runs again on one thread, which needs about half the memory (a statement that failed
+        changed nothing, so running it again is safe)."""
+        try:
+            self.db.execute(query, list(params))
+        except duckdb.OutOfMemoryException:
+            log.warning("staging ran out of memory; running the statement on one thread")
+            self.db.execute("SET threads = 1")
+            try:
+                self.db.execute(query, list(params))
+            finally:
+                self.db.execute(f"SET threads = {max(os.cpu_count() or 1, 1)}")
+
     def set_memory(self, mb: int) -> None:
         """Change DuckDB's budget (lowering it spills what is beyond it to the folder)."""
         self.db.execute(f"SET memory_limit = '{int(mb)}MB'")
@@ -2529,10 +2545,10 @@ def _resolve(ctx: _Context, stage: _Stage) -> None:
     traits apply (``traits_rows``). Only the ``writer`` components are written here (through
     ProfileWriter); the set-wise writes are :func:`_write_profiles`, run alongside the appends.
     """
-    db, hub, ws = stage.db, ctx.hub, ctx.job.workspace_id
+    hub, ws = ctx.hub, ctx.job.workspace_id
     nss = stage.namespaces
     cols = ", ".join(_q(ns) for ns in nss)
-    db.execute(
+    stage.execute(
         "CREATE OR REPLACE TABLE tuples AS SELECT row_number() OVER () AS tid, * FROM ("
         f"SELECT {cols}, min(timestamp) AS first_ts, max(timestamp) AS last_ts, "
         f"min(row) AS first_row FROM staged GROUP BY {cols})"
@@ -2542,19 +2558,19 @@ def _resolve(ctx: _Context, stage: _Stage) -> None:
         f"WHERE {_q(ns)} IS NOT NULL"
         for ns in nss
     )
-    db.execute(f"CREATE OR REPLACE TABLE edges AS {union}")
+    stage.execute(f"CREATE OR REPLACE TABLE edges AS {union}")
     with _phase(ctx.job, "load_known"):
         _load_known(hub, ws, stage)
-    db.execute(
+    stage.execute(
         "CREATE OR REPLACE TABLE idents AS SELECT row_number() OVER () AS iid, g.*, "
         "k.profile_id AS owner FROM (SELECT ns, value, min(first_ts) AS first_ts FROM edges "
         "GROUP BY ns, value) g LEFT JOIN known k ON k.ns = g.ns AND k.value = g.value"
     )
-    db.execute(
+    stage.execute(
         "CREATE OR REPLACE TABLE te AS SELECT e.tid, i.iid FROM edges e "
         "JOIN idents i ON i.ns = e.ns AND i.value = e.value"
     )
-    db.execute("DROP TABLE edges")
+    stage.execute("DROP TABLE edges")
     with _phase(ctx.job, "components"):
         _components(stage)
         _classify(ctx, stage)
@@ -2565,11 +2581,11 @@ def _resolve(ctx: _Context, stage: _Stage) -> None:
     if redirect is not None:  # owners absorbed by those merges: their survivors take over
         stage.db.register("redirect", redirect)
         try:
-            db.execute(
+            stage.execute(
                 "UPDATE comp_class SET owner = r.survivor FROM redirect r "
                 "WHERE comp_class.owner = r.absorbed"
             )
-            db.execute(
+            stage.execute(
                 "UPDATE writer_pid SET pid = r.survivor FROM redirect r "
                 "WHERE writer_pid.pid = r.absorbed"
             )
@@ -2579,42 +2595,42 @@ def _resolve(ctx: _Context, stage: _Stage) -> None:
         for batch in stage.batches("SELECT c FROM comp_class WHERE cls = 'new' ORDER BY c"):
             pids = pa.array([new_id() for _ in range(batch.num_rows)], pa.string())
             stage.put("comp_pid", pa.table({"c": batch.column("c"), "pid": pids}))
-        db.execute(
+        stage.execute(
             "CREATE OR REPLACE TABLE tuple_pid AS SELECT tc.tid, tc.c, "
             "coalesce(w.pid, cp.pid, cc.owner) AS pid, cc.cls FROM tcomp tc "
             "JOIN comp_class cc USING (c) LEFT JOIN comp_pid cp USING (c) "
             "LEFT JOIN writer_pid w USING (tid)"
         )
         join = " AND ".join(f"s.{_q(ns)} IS NOT DISTINCT FROM t.{_q(ns)}" for ns in nss)
-        db.execute(
+        stage.execute(
             "CREATE OR REPLACE TABLE row_pid AS SELECT s.row, tp.pid FROM staged s "
             f"JOIN tuples t ON {join} JOIN tuple_pid tp ON tp.tid = t.tid"
         )
-        db.execute(
+        stage.execute(
             "CREATE OR REPLACE TABLE comp_first AS SELECT tc.c, min(t.first_row) AS first_row "
             "FROM tcomp tc JOIN tuples t USING (tid) GROUP BY tc.c"
         )
         # what _write_profiles writes, in the order the file first needs it
         todo = "(cc.cls = 'new' OR (cc.cls = 'attach' AND cc.n_new > 0))"
-        db.execute(
+        stage.execute(
             "CREATE OR REPLACE TABLE write_plan AS SELECT f.first_row, cc.cls, cp.pid, "
             "cc.first_ts, cc.last_ts FROM comp_class cc JOIN comp_first f USING (c) "
             f"LEFT JOIN comp_pid cp USING (c) WHERE {todo} ORDER BY f.first_row"
         )
-        db.execute(
+        stage.execute(
             "CREATE OR REPLACE TABLE write_links AS SELECT f.first_row, "
             "coalesce(cp.pid, cc.owner) AS pid, i.ns, i.value, i.first_ts "
             "FROM comp_class cc JOIN comp_first f USING (c) LEFT JOIN comp_pid cp USING (c) "
             f"JOIN ilab il USING (c) JOIN idents i USING (iid) WHERE {todo} "
             "AND i.owner IS NULL ORDER BY f.first_row, i.ns, i.value"
         )
-        db.execute(
+        stage.execute(
             "CREATE OR REPLACE TABLE seen_plan AS SELECT tp.pid, min(t.first_ts) AS fs, "
             "max(t.last_ts) AS ls FROM tuple_pid tp JOIN tuples t USING (tid) "
             "WHERE tp.cls <> 'new' GROUP BY tp.pid ORDER BY tp.pid"
         )
         # what the appends and the traits still need; everything else goes
-        db.execute(
+        stage.execute(
             f"CREATE OR REPLACE TABLE traits_rows AS SELECT row, timestamp, traits, {cols} "
             "FROM staged WHERE apply_traits"
         )
@@ -2631,7 +2647,7 @@ def _resolve(ctx: _Context, stage: _Stage) -> None:
             "comp_pid",
             "writer_pid",
         ):
-            db.execute(f"DROP TABLE IF EXISTS {name}")
+            stage.execute(f"DROP TABLE IF EXISTS {name}")
     _release_memory()
 
 
@@ -2678,52 +2694,50 @@ def _copy_known(stage: _Stage, fetch: Callable[[int], Sequence[Any]]) -> None:
 def _components(stage: _Stage, max_rounds: int = 1000) -> None:
     """Connected components of identities linked by appearing in one tuple (min-label
     propagation): ``tcomp(tid, c)`` and ``ilab(iid, c)``."""
-    db = stage.db
-    db.execute("CREATE OR REPLACE TABLE tcomp AS SELECT tid, min(iid) AS c FROM te GROUP BY tid")
+    stage.execute("CREATE OR REPLACE TABLE tcomp AS SELECT tid, min(iid) AS c FROM te GROUP BY tid")
     for _ in range(max_rounds):
-        db.execute(
+        stage.execute(
             "CREATE OR REPLACE TABLE ilab AS SELECT te.iid, min(tc.c) AS c FROM te "
             "JOIN tcomp tc USING (tid) GROUP BY te.iid"
         )
-        db.execute(
+        stage.execute(
             "CREATE OR REPLACE TABLE tnext AS SELECT te.tid, min(il.c) AS c FROM te "
             "JOIN ilab il USING (iid) GROUP BY te.tid"
         )
         changed = stage.one(
             "SELECT count(*) FROM tcomp JOIN tnext USING (tid) WHERE tcomp.c <> tnext.c"
         )
-        db.execute("DROP TABLE tcomp")
-        db.execute("ALTER TABLE tnext RENAME TO tcomp")
+        stage.execute("DROP TABLE tcomp")
+        stage.execute("ALTER TABLE tnext RENAME TO tcomp")
         if not changed:
-            db.execute(
+            stage.execute(
                 "CREATE OR REPLACE TABLE ilab AS SELECT te.iid, min(tc.c) AS c FROM te "
                 "JOIN tcomp tc USING (tid) GROUP BY te.iid"
             )
             return
     # not converged (an extraordinarily long chain of links): let the writer decide it all
-    db.execute("CREATE OR REPLACE TABLE tcomp AS SELECT tid, 0::BIGINT AS c FROM tuples")
-    db.execute("CREATE OR REPLACE TABLE ilab AS SELECT iid, 0::BIGINT AS c FROM idents")
+    stage.execute("CREATE OR REPLACE TABLE tcomp AS SELECT tid, 0::BIGINT AS c FROM tuples")
+    stage.execute("CREATE OR REPLACE TABLE ilab AS SELECT iid, 0::BIGINT AS c FROM idents")
 
 
 def _classify(ctx: _Context, stage: _Stage) -> None:
     """Sort components into ``new`` (no identity known: one new profile), ``attach`` (known
     identities all on one profile: link the new ones to it) and ``writer`` (merges, conflicts
     of unique namespaces, the identity limit: decided by ProfileWriter)."""
-    db = stage.db
     unique = ", ".join(f"'{ns}'" for ns in sorted(ctx.policy.unique_namespaces)) or "NULL"
     limit = ctx.policy.max_identities
-    db.execute(
+    stage.execute(
         "CREATE OR REPLACE TABLE comps AS SELECT il.c, count(*) AS n_ids, "
         "count(DISTINCT i.owner) AS n_owners, min(i.owner) AS owner, "
         "count(*) FILTER (WHERE i.owner IS NULL) AS n_new "
         "FROM ilab il JOIN idents i USING (iid) GROUP BY il.c"
     )
-    db.execute(
+    stage.execute(
         "CREATE OR REPLACE TABLE bad_new AS SELECT DISTINCT il.c FROM ilab il "
         f"JOIN idents i USING (iid) WHERE i.ns IN ({unique}) GROUP BY il.c, i.ns "
         "HAVING count(*) > 1"
     )
-    db.execute(
+    stage.execute(
         "CREATE OR REPLACE TABLE bad_owner AS "
         "WITH attach AS (SELECT * FROM comps WHERE n_owners = 1), "
         "vals AS (SELECT a.owner, i.ns, i.value FROM attach a JOIN ilab il USING (c) "
@@ -2737,7 +2751,7 @@ def _classify(ctx: _Context, stage: _Stage) -> None:
         "SELECT owner FROM vals GROUP BY owner, ns HAVING count(DISTINCT value) > 1 "
         f"UNION SELECT owner FROM sizes WHERE n > {limit}"
     )
-    db.execute(
+    stage.execute(
         "CREATE OR REPLACE TABLE comp_class AS SELECT c.c, CASE "
         f"WHEN c.n_owners = 0 AND c.n_ids <= {limit} "
         "AND c.c NOT IN (SELECT c FROM bad_new) THEN 'new' "
@@ -2747,9 +2761,9 @@ def _classify(ctx: _Context, stage: _Stage) -> None:
         "FROM tcomp tc JOIN tuples t USING (tid) GROUP BY tc.c) s USING (c)"
     )
     for name in ("comps", "bad_new", "bad_owner", "known"):
-        db.execute(f"DROP TABLE {name}")
-    db.execute("CREATE OR REPLACE TABLE comp_pid (c BIGINT, pid VARCHAR)")
-    db.execute("CREATE OR REPLACE TABLE writer_pid (tid BIGINT, pid VARCHAR)")
+        stage.execute(f"DROP TABLE {name}")
+    stage.execute("CREATE OR REPLACE TABLE comp_pid (c BIGINT, pid VARCHAR)")
+    stage.execute("CREATE OR REPLACE TABLE writer_pid (tid BIGINT, pid VARCHAR)")
 
 
 def _last_merge_seq(ctx: _Context) -> int:
@@ -3217,14 +3231,14 @@ def _log_rows(ctx: _Context, spilled: pa.Table, pids: pa.ChunkedArray, micros: i
 def _dedupe(stage: _Stage) -> None:
     """Rows repeating an earlier row's ``message_id`` are skipped (``dups``): candidates by a
     64-bit hash, then compared exactly."""
-    stage.db.execute(
+    stage.execute(
         "CREATE TABLE dups AS WITH twice AS (SELECT hash(message_id) AS h FROM staged "
         "GROUP BY h HAVING count(*) > 1) SELECT row FROM (SELECT row, row_number() OVER "
         "(PARTITION BY message_id ORDER BY row) AS n FROM staged "
         "WHERE hash(message_id) IN (SELECT h FROM twice)) WHERE n > 1"
     )
     if stage.one("SELECT count(*) FROM dups"):
-        stage.db.execute("DELETE FROM staged WHERE row IN (SELECT row FROM dups)")
+        stage.execute("DELETE FROM staged WHERE row IN (SELECT row FROM dups)")
 
 
 def _drop_known(ctx: _Context, stage: _Stage) -> None:
@@ -3346,7 +3360,7 @@ def _import_events(
                             stage,
                             sink,
                             last_row=last_row,
-                            append_rows=max(chunk_rows, min(4 * chunk_rows, _APPEND_ROWS)),
+                            append_rows=max(chunk_rows, min(3 * chunk_rows, _APPEND_ROWS)),
                             written=written,
                             progress=progress,
                         )
@@ -3418,7 +3432,7 @@ def run_import(
     to ``total`` (rows; for events two steps per row, reading then committing, so ``total`` is
     twice the row count) and ``total`` is None while unknown. ``chunk_rows`` is the unit of
     reading and validating, and of the profile transactions; event log appends group up to
-    four chunks (200,000 rows at most, unless a chunk is larger).
+    three chunks (150,000 rows at most, unless a chunk is larger).
 
     Raises InvalidInput for a file that cannot be imported at all (nothing is written; a JSON
     Lines key first seen deep in the file is checked when seen, which fails the import there),
