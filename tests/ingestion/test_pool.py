@@ -52,6 +52,18 @@ def _batch(*ids: str) -> bytes:
     )
 
 
+def _one_good_one_bad(good: str, bad: str) -> bytes:
+    """A batch whose second item has no identity."""
+    return orjson.dumps(
+        {
+            "batch": [
+                {"type": "track", "event": "a", "messageId": good, "userId": "u1"},
+                {"type": "track", "event": "b", "messageId": bad},
+            ]
+        }
+    )
+
+
 def _store(pool: IngestPool, hub: Hub, ws: str, raw: bytes, call: str = "batch") -> IngestResult:
     return asyncio.run(pool.store("segment", call, ws, raw, hub.clock.now()))
 
@@ -74,15 +86,7 @@ def test_bad_items_are_reported_and_a_malformed_body_is_an_error_with_its_reason
     hub: Hub, pool: IngestPool
 ) -> None:
     ws = _workspace(hub)
-    mixed = orjson.dumps(
-        {
-            "batch": [
-                {"type": "track", "event": "a", "messageId": "ok-1", "userId": "u1"},
-                {"type": "track", "event": "b", "messageId": "bad-1"},  # no identity
-            ]
-        }
-    )
-    result = _store(pool, hub, ws, mixed)
+    result = _store(pool, hub, ws, _one_good_one_bad("ok-1", "bad-1"))
     assert result.accepted == 1
     assert [e.index for e in result.rejected] == [1]
     with pytest.raises(InvalidInput) as caught:
@@ -151,15 +155,7 @@ def test_without_a_parse_worker_the_store_worker_parses_and_a_new_one_starts(
     # to the store worker, which parses them itself, with the same outcome
     with contextlib.suppress(WorkerFailed):
         _store(pool, hub, ws, _batch("meanwhile"))
-    mixed = orjson.dumps(
-        {
-            "batch": [
-                {"type": "track", "event": "a", "messageId": "np-1", "userId": "u1"},
-                {"type": "track", "event": "b", "messageId": "np-2"},  # no identity
-            ]
-        }
-    )
-    alone = _store(pool, hub, ws, mixed)
+    alone = _store(pool, hub, ws, _one_good_one_bad("np-1", "np-2"))
     assert alone.accepted == 1
     assert [e.index for e in alone.rejected] == [1]
     _wait_for_live_worker(pool, parser, role="parse")

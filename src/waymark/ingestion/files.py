@@ -161,8 +161,7 @@ _STAGE_APPEND_MEMORY_MB = 96  # ... while the events are appended (the log needs
 _WRITER_BATCH = 2_000  # records per ProfileWriter transaction
 _PARALLEL_ROWS = 100_000  # profile files this large are converted by worker processes
 _PARALLEL_BYTES = 32 << 20
-_APPEND_ROWS = 150_000  # rows per event log append: large batches append best, but two are in
-# memory at once (one prepared, one appending), which sets the peak of a large import
+_APPEND_ROWS = 200_000  # rows per event log append (DuckDB appends best in large batches)
 _VALIDATE_THREADS = 4  # at most, one per core
 _CHECK_CACHE = 50_000  # distinct (event, properties) validations remembered
 _IMPORTABLE_TYPES = (EventType.TRACK, EventType.IDENTIFY, EventType.PAGE, EventType.SCREEN)
@@ -3360,7 +3359,7 @@ def _import_events(
                             stage,
                             sink,
                             last_row=last_row,
-                            append_rows=max(chunk_rows, min(3 * chunk_rows, _APPEND_ROWS)),
+                            append_rows=max(chunk_rows, min(4 * chunk_rows, _APPEND_ROWS)),
                             written=written,
                             progress=progress,
                         )
@@ -3432,7 +3431,7 @@ def run_import(
     to ``total`` (rows; for events two steps per row, reading then committing, so ``total`` is
     twice the row count) and ``total`` is None while unknown. ``chunk_rows`` is the unit of
     reading and validating, and of the profile transactions; event log appends group up to
-    three chunks (150,000 rows at most, unless a chunk is larger).
+    four chunks (200,000 rows at most, unless a chunk is larger).
 
     Raises InvalidInput for a file that cannot be imported at all (nothing is written; a JSON
     Lines key first seen deep in the file is checked when seen, which fails the import there),

@@ -10,6 +10,7 @@ from sqlalchemy import Connection, func, insert, select
 
 from waymark.access.service import record_audit
 from waymark.model.schemas import Schema, diff_compatible, parse_schema
+from waymark.storage.hotpath import fetch_rows
 from waymark.storage.tables import schemas
 
 
@@ -49,9 +50,11 @@ def current_schema(conn: Connection, workspace_id: str) -> SchemaVersion:
 def schema_in_force(conn: Connection, workspace_id: str) -> tuple[int, Schema]:
     """``(version, schema)`` in force, for the ingestion hot path: one look-up of the newest
     version number; the document is read and compiled only when that version is new here."""
-    version = conn.execute(
-        select(func.max(schemas.c.version)).where(schemas.c.workspace_id == workspace_id)
-    ).scalar()
+    mark = "%s" if conn.dialect.name == "postgresql" else "?"
+    # on the driver's cursor: SQLAlchemy's statement machinery cost more than the look-up
+    (version,) = fetch_rows(
+        conn, f"SELECT max(version) FROM schemas WHERE workspace_id = {mark}", (workspace_id,)
+    )[0]
     if version is None:
         return 0, _EMPTY
     key = (workspace_id, int(version))
