@@ -19,6 +19,7 @@ from waymark.identity.graph import (
     ProfileState,
     apply_record,
     enforce_limit,
+    fresh_profile,
     merge_profiles,
     new_profile,
     pick_value,
@@ -524,3 +525,31 @@ def test_widening_the_seen_interval_equals_rebuilding_the_profile(
     assert hash(wider) == hash(expected)
     with pytest.raises(ValueError):
         widen_seen(state, t(a + b + 1), t(a))
+
+
+_IDENTITIES = st.lists(
+    st.builds(
+        Identity,
+        st.sampled_from(["user_id", "anonymous_id", "email"]),
+        st.sampled_from(["a", "b", "c"]),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(ids=_IDENTITIES, limit=st.integers(1, 4), at=st.integers(0, 1000))
+def test_a_fresh_profile_is_what_the_full_rules_give_or_is_declined(
+    ids: list[Identity], limit: int, at: int
+) -> None:
+    policy = MergePolicy(max_identities=limit)
+    fast = fresh_profile("p", ids, t(at), policy)
+    res = resolve(ids, {}, policy)
+    full = apply_record(
+        new_profile("p", t(at)), res.attach, {}, at=t(at), source="api", policy=policy
+    )
+    if fast is None:  # declined only where the full rules refuse or trim something
+        assert res.conflicts or len(full.identities) < len(set(ids))
+    else:
+        assert not res.conflicts
+        assert fast == full

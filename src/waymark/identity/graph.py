@@ -157,6 +157,24 @@ def new_profile(profile_id: str, at: datetime) -> ProfileState:
     return ProfileState(profile_id, (), {}, at, at)
 
 
+def fresh_profile(
+    profile_id: str, identities: Iterable[Identity], at: datetime, policy: MergePolicy
+) -> ProfileState | None:
+    """The profile a record of only new ``identities`` and no attributes creates, or ``None``
+    when the record needs the full rules (:func:`resolve`, :func:`apply_record`): two values
+    of a unique namespace, or more identities than the limit.
+
+    The same state that :func:`new_profile` then :func:`apply_record` give for such a record,
+    built directly: first-time people are a large share of what ingestion sees."""
+    distinct = set(identities)
+    if not distinct or len(distinct) > policy.max_identities:
+        return None
+    unique = [i.namespace for i in distinct if i.namespace in policy.unique_namespaces]
+    if len(unique) != len(set(unique)):
+        return None
+    return ProfileState(profile_id, tuple(LinkedIdentity(i, at) for i in distinct), {}, at, at)
+
+
 def widen_seen(state: ProfileState, first: datetime, last: datetime) -> ProfileState:
     """``state`` with its seen-interval widened to include ``first`` and ``last``.
 

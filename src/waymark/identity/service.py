@@ -26,6 +26,7 @@ from waymark.identity.graph import (
     MergePolicy,
     ProfileState,
     apply_record,
+    fresh_profile,
     merge_profiles,
     new_profile,
     resolve,
@@ -205,6 +206,12 @@ class ProfileWriter:
                 # every identity already on one profile, none seen for the first time now:
                 # only the profile's seen-interval can change
                 return self._touch(self.canonical(only), at)
+        if not attributes and owner_ids == {None}:
+            # only new identities: a new profile, without the full rules when they allow
+            fresh = fresh_profile(new_id(), ids, at, self.policy)
+            if fresh is not None:
+                self.stats.created += 1
+                return self._place(fresh)
         self.load_profiles({o for o in owner_ids if o is not None})
         owners = {
             i: self.states[owner] for i in set(ids) if (owner := self.owners.get(i)) is not None
@@ -230,14 +237,18 @@ class ProfileWriter:
         for li in base.identities:
             if li.identity not in kept:
                 self._unlink(li.identity)
-        for identity in kept:
-            self.owners[identity] = state.profile_id
-            self.unlinked.discard(identity)
+        return self._place(state)
+
+    def _place(self, state: ProfileState) -> str:
+        """Make ``state`` the batch's current version of its profile, owning its identities."""
+        pid = state.profile_id
         for li in state.identities:
+            self.owners[li.identity] = pid
+            self.unlinked.discard(li.identity)
             self.link_first[li.identity] = li.first_seen
-        self.states[state.profile_id] = state
-        self.dirty.add(state.profile_id)
-        return state.profile_id
+        self.states[pid] = state
+        self.dirty.add(pid)
+        return pid
 
     def _touch(self, pid: str, at: datetime) -> str:
         state = self.states.get(pid)
