@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -127,14 +128,19 @@ def _wait_for_live_worker(
     raise AssertionError("no new worker started")
 
 
-def test_a_dead_worker_is_replaced_in_the_background(hub: Hub, pool: IngestPool) -> None:
-    ws = _workspace(hub)
-    assert _store(pool, hub, ws, _batch("before")).accepted == 1
-    worker = pool._workers[0]
+def _kill(worker: Any) -> None:
+    """Kill a worker process outright and wait until the pool has seen it go."""
     assert worker.process.pid is not None
     os.kill(worker.process.pid, signal.SIGKILL)
     worker.process.join(10)
     worker.reader.join(10)
+
+
+def test_a_dead_worker_is_replaced_in_the_background(hub: Hub, pool: IngestPool) -> None:
+    ws = _workspace(hub)
+    assert _store(pool, hub, ws, _batch("before")).accepted == 1
+    worker = pool._workers[0]
+    _kill(worker)
     # until the new one is up, requests are refused at once (503), never left waiting
     with contextlib.suppress(WorkerFailed):
         _store(pool, hub, ws, _batch("meanwhile"))
@@ -147,10 +153,7 @@ def test_without_a_parse_worker_the_store_worker_parses_and_a_new_one_starts(
 ) -> None:
     ws = _workspace(hub)
     parser = pool._parsers[0]
-    assert parser.process.pid is not None
-    os.kill(parser.process.pid, signal.SIGKILL)
-    parser.process.join(10)
-    parser.reader.join(10)
+    _kill(parser)
     # a request in the parser's hands at that moment fails (503); the next ones go straight
     # to the store worker, which parses them itself, with the same outcome
     with contextlib.suppress(WorkerFailed):

@@ -171,7 +171,7 @@ def _worker_main(settings_data: dict[str, Any], conn: Connection, role: Role = "
     configure(settings.log_level, settings.log_format)
     hub = Hub.open(settings, migrate_now=False)
     committer = GroupCommitter(hub) if role == "store" else None
-    schemas = _Schemas(hub)
+    schemas = _Schemas(hub) if role == "parse" else None
     limits = Limits(
         max_event_bytes=settings.max_event_bytes,
         max_future=settings.max_future,
@@ -214,7 +214,7 @@ def _worker_main(settings_data: dict[str, Any], conn: Connection, role: Role = "
                         received_at=req.received_at,
                         limits=limits,
                     )
-                if committer is None:
+                if schemas is not None:  # a parse worker: validate and hand back
                     version, schema = schemas.of(req.workspace_id)
                     checked = check_events(parsed, schema)
                     blob = pickle.dumps(checked, protocol=pickle.HIGHEST_PROTOCOL)
@@ -225,6 +225,7 @@ def _worker_main(settings_data: dict[str, Any], conn: Connection, role: Role = "
                     log.exception("parsing an ingestion request failed")
                 answer(req.rid, _failure(exc))
                 continue
+            assert committer is not None
             future = committer.submit(req.workspace_id, parsed, checked=req.checked)
             future.add_done_callback(functools.partial(settle, req.rid))
     finally:
