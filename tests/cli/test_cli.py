@@ -19,7 +19,7 @@ def waymark(tmp_path: Path) -> Any:
     runner = CliRunner()
 
     def invoke(*args: str, ok: bool = True) -> Any:
-        cli._state.clear()
+        cli.cli_state.clear()
         result = runner.invoke(cli.app, ["--data-dir", str(tmp_path / "data"), *args])
         if ok:
             assert result.exit_code == 0, (result.output, result.exception)

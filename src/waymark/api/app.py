@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from waymark import __version__
 from waymark.access import service as access
 from waymark.access.service import Principal, Scope
+from waymark.api.audiences import add_audience_routes
 from waymark.api.auth import KeyCache, presented_key
 from waymark.api.errors import (
     data_error_handler,
@@ -426,6 +427,8 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
                 conn, workspace_id=p.workspace_id, document=body, actor=p.actor, at=hub.clock.now()
             )
         return saved.to_json()
+
+    add_audience_routes(app, hub, principal)
 
     # -- access --------------------------------------------------------------------------------
 

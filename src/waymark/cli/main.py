@@ -6,24 +6,32 @@ Global options choose the stores (``--data-dir``, ``--database-url``) and otherw
 
 from __future__ import annotations
 
-import getpass
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from waymark.access import service as access
+from waymark.cli.audiences import audience_app
+from waymark.cli.common import (
+    JsonOpt,
+    WorkspaceOpt,
+    actor,
+    cli_state,
+    console,
+    emit,
+    err_console,
+    jsonable,
+    opened_hub,
+    settings,
+    table,
+    workspace_id,
+)
 from waymark.core.errors import InvalidInput, Issue, WaymarkError
 from waymark.hub import Hub
-from waymark.logs import configure
-from waymark.settings import Settings, load_settings
 
 app = typer.Typer(
     name="waymark",
@@ -47,15 +55,7 @@ app.add_typer(import_app, name="import")
 app.add_typer(profile_app, name="profile")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(demo_app, name="demo")
-
-console = Console()
-err_console = Console(stderr=True)
-_state: dict[str, Any] = {}
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-WorkspaceOpt = Annotated[
-    str, typer.Option("--workspace", "-w", help="Workspace name or id.", envvar="WAYMARK_WORKSPACE")
-]
+app.add_typer(audience_app, name="audience")
 
 
 @app.callback()
@@ -70,79 +70,12 @@ def main(
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
 ) -> None:
     """Waymark: customer-data hub, audiences, journeys and campaigns."""
-    _state["overrides"] = {
+    cli_state["overrides"] = {
         "data_dir": data_dir,
         "database_url": database_url,
         "log_level": log_level,
     }
-    _state["config"] = config
-
-
-def settings() -> Settings:
-    """The settings for this invocation (read once)."""
-    if "settings" not in _state:
-        _state["settings"] = load_settings(
-            config_file=_state.get("config"), **_state.get("overrides", {})
-        )
-        s = _state["settings"]
-        configure(s.log_level, s.log_format)
-    result: Settings = _state["settings"]
-    return result
-
-
-def actor() -> str:
-    """How the audit log names a person at this terminal."""
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli:unknown"
-
-
-@contextmanager
-def opened_hub() -> Iterator[Hub]:
-    """A hub for one command, closed afterwards."""
-    hub = Hub.open(settings())
-    try:
-        yield hub
-    finally:
-        hub.close()
-
-
-def jsonable(value: Any) -> Any:
-    """Datetimes and paths as strings, recursively."""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
-
-
-def emit(data: Any, as_json: bool, render: Callable[[], None] | None = None) -> None:
-    """Print ``data`` as JSON, or through ``render`` for people."""
-    if as_json or render is None:
-        sys.stdout.write(orjson.dumps(jsonable(data), option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        render()
-
-
-def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    """A Rich table with these columns and rows."""
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
-    return t
-
-
-def workspace_id(hub: Hub, ref: str) -> str:
-    """Resolve a workspace name or id."""
-    with hub.engine.connect() as conn:
-        return access.get_workspace(conn, ref).id
+    cli_state["config"] = config
 
 
 # -- server -----------------------------------------------------------------------------------

@@ -26,10 +26,14 @@ from waymark.model.schemas import Schema, validate_attributes
 from waymark.storage import hotpath
 from waymark.storage.eventlog import EventLog
 from waymark.storage.tables import (
+    PERSON_TABLES,
+    audience_changes,
+    audience_members,
+    audiences,
     audit_log,
-    consents,
     event_inbox,
     identities,
+    metadata,
     privacy_requests,
     profile_merges,
     profiles,
@@ -333,6 +337,7 @@ def export_person(
         batch = timeline(conn, log, workspace_id, p, limit=10_000_000)
         events.extend(batch)
     events.sort(key=lambda e: (e["timestamp"], e.get("seq", 0)))
+    memberships = _memberships(conn, workspace_id, ids)
     req_id = new_id()
     conn.execute(
         privacy_requests.insert().values(
@@ -362,7 +367,46 @@ def export_person(
         "profile": profile,
         "merged_profile_ids": ids[1:],
         "events": to_jsonable(events),
+        "audiences": memberships,
     }
+
+
+def _memberships(conn: Connection, workspace_id: str, ids: list[str]) -> list[dict[str, Any]]:
+    """The person's audience memberships and their changes (for an export)."""
+    names = dict(
+        conn.execute(
+            select(audiences.c.id, audiences.c.name).where(audiences.c.workspace_id == workspace_id)
+        ).all()
+    )
+    current = conn.execute(
+        select(audience_members).where(
+            audience_members.c.workspace_id == workspace_id,
+            audience_members.c.profile_id.in_(ids),
+        )
+    ).mappings()
+    changes = conn.execute(
+        select(audience_changes)
+        .where(
+            audience_changes.c.workspace_id == workspace_id,
+            audience_changes.c.profile_id.in_(ids),
+        )
+        .order_by(audience_changes.c.seq)
+    ).mappings()
+    history: dict[str, list[dict[str, Any]]] = {}
+    for c in changes:
+        history.setdefault(c["audience_id"], []).append(
+            {"change": c["change"], "at": c["at"].isoformat()}
+        )
+    return [
+        {
+            "audience": names.get(m["audience_id"], m["audience_id"]),
+            "status": m["status"],
+            "realized_at": m["realized_at"].isoformat(),
+            "exited_at": m["exited_at"].isoformat() if m["exited_at"] else None,
+            "history": history.get(m["audience_id"], []),
+        }
+        for m in current
+    ]
 
 
 def start_deletion(
@@ -374,12 +418,13 @@ def start_deletion(
     pid = find_profile_id(conn, workspace_id, identity)
     ids = _merged_ids(conn, workspace_id, pid)
     counts: dict[str, int] = {}
-    for table, column in (
-        (identities, identities.c.profile_id),
-        (consents, consents.c.profile_id),
-        (event_inbox, event_inbox.c.profile_id),
-        (profiles, profiles.c.id),
-    ):
+    # every table that holds data about a person (the profile itself last)
+    person_tables = [
+        (metadata.tables[name], metadata.tables[name].c[column])
+        for name, column in sorted(PERSON_TABLES.items(), key=lambda item: item[0] == "profiles")
+        if name != "profile_merges"  # both of its id columns are cleared below
+    ]
+    for table, column in person_tables:
         res = conn.execute(
             delete(table).where(table.c.workspace_id == workspace_id, column.in_(ids))
         )

@@ -286,6 +286,73 @@ privacy_requests = Table(
     Column("summary", Json, nullable=False, default=dict),
 )
 
+audiences = Table(
+    "audiences",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("workspace_id", Id, ForeignKey("workspaces.id"), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("description", String(1000), nullable=False, default=""),
+    # the definition in its JSON form (the text form is derived from it, without loss)
+    Column("definition", Json, nullable=False),
+    Column("mode", String(16), nullable=False),  # streaming | batch
+    Column("schedule", String(100)),  # cron, for batch audiences
+    Column("version", Integer, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("last_run_at", UtcDateTime),
+    UniqueConstraint("workspace_id", "name"),
+)
+
+audience_members = Table(
+    "audience_members",
+    metadata,
+    Column("workspace_id", Id, primary_key=True),
+    Column("audience_id", Id, primary_key=True),
+    Column("profile_id", Id, primary_key=True),
+    Column("status", String(16), nullable=False),  # realized | exited
+    Column("realized_at", UtcDateTime, nullable=False),
+    Column("exited_at", UtcDateTime),
+    Index("ix_audience_members_profile", "workspace_id", "profile_id"),
+)
+
+# Every membership change, in order: the history of a membership and the internal stream that
+# journeys, destinations and reports read from their own watermark (``seq``).
+audience_changes = Table(
+    "audience_changes",
+    metadata,
+    Column("seq", Big, primary_key=True, autoincrement=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("audience_id", Id, nullable=False),
+    Column("profile_id", Id, nullable=False),
+    Column("change", String(16), nullable=False),  # realized | exited
+    Column("at", UtcDateTime, nullable=False),
+    Column("run_id", Id),  # the batch run that found it (none for streaming)
+    Index("ix_audience_changes_member", "workspace_id", "audience_id", "profile_id"),
+    Index("ix_audience_changes_profile", "workspace_id", "profile_id"),
+    sqlite_autoincrement=True,
+)
+
+audience_runs = Table(
+    "audience_runs",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("audience_id", Id, nullable=False),
+    Column("trigger", String(16), nullable=False),  # schedule | manual
+    Column("as_of", UtcDateTime, nullable=False),
+    Column("status", String(16), nullable=False),  # running | done | failed
+    Column("members", BigInteger),
+    Column("realized", BigInteger),
+    Column("exited", BigInteger),
+    Column("error", String(2000)),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime),
+    Column("actor", String(200), nullable=False),
+    Index("ix_audience_runs_audience", "workspace_id", "audience_id", "started_at"),
+)
+
 #: Tables holding data about a person, with the column naming that person's profile. The
 #: privacy deletion test walks every table of ``metadata`` and requires each to be listed here
 #: or in ``PERSON_FREE_TABLES``, so a new table cannot silently escape deletion.
@@ -295,6 +362,8 @@ PERSON_TABLES: dict[str, str] = {
     "consents": "profile_id",
     "event_inbox": "profile_id",
     "profile_merges": "survivor_id",
+    "audience_members": "profile_id",
+    "audience_changes": "profile_id",
 }
 PERSON_FREE_TABLES: frozenset[str] = frozenset(
     {
@@ -306,5 +375,7 @@ PERSON_FREE_TABLES: frozenset[str] = frozenset(
         "seen_messages",
         "imports",
         "privacy_requests",
+        "audiences",
+        "audience_runs",
     }
 )

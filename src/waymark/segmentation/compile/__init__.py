@@ -1,0 +1,1 @@
+"""Evaluators of a checked audience AST: SQL through sqlglot, in memory, streaming."""

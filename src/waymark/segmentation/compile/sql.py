@@ -1,0 +1,825 @@
+"""Lowering a checked audience AST to one SQL query, through sqlglot expressions.
+
+:func:`compile_sql` returns a sqlglot ``SELECT`` of the ``profile_id`` of every member at ``now``;
+:func:`to_sql` renders it for a dialect. No SQL is assembled from strings: every literal is a
+sqlglot literal, so names and values from a definition cannot change the query's shape.
+
+The query reads three relations with the state store's and event log's column names:
+
+- ``profiles (workspace_id, id, attributes JSON)``
+- ``events (workspace_id, profile_id, name, timestamp, seq, properties JSON)``
+- ``consents (workspace_id, profile_id, channel, purpose, status)``
+
+Shape: a CTE of the visible events that any condition reads; one aggregate row per profile for
+every count, sum, average, minimum, maximum and occurrence (a ``CASE`` per condition, so one scan
+serves them all); a CTE per sequence (self-joins in time order) and per first/last pick (row
+numbers); consents pivoted per profile; and a final ``WHERE`` over ``profiles`` left-joined to
+those. Every condition is made two-valued (``COALESCE(..., FALSE)``) so that ``NOT`` means what
+the language says when a value is missing.
+
+Reading JSON values by their declared type differs per engine; :class:`_Json` has a variant for
+DuckDB and PostgreSQL (both executed in the tests, with a check of the JSON type so that a value of
+another type counts as missing, as in memory) and a generic one for the warehouse dialects.
+
+Pure: sqlglot only, no connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import sqlglot.expressions as exp
+
+from waymark.model.schemas import FieldType
+from waymark.segmentation.lang import ast
+from waymark.segmentation.lang.ast import (
+    Aggregate,
+    AggregateFn,
+    And,
+    Anniversary,
+    Attr,
+    Compare,
+    CompareOp,
+    Consent,
+    Count,
+    EventRef,
+    Exists,
+    Expr,
+    Filter,
+    FilterAnd,
+    FilterNot,
+    FilterOr,
+    InAudience,
+    InList,
+    Not,
+    Occurs,
+    Or,
+    Pick,
+    Prop,
+    Sequence,
+    Test,
+    Text,
+    TextOp,
+    Which,
+    Within,
+)
+
+__all__ = ["EXECUTED_DIALECTS", "WAREHOUSE_DIALECTS", "compile_sql", "to_sql"]
+
+#: Dialects whose SQL the tests execute on a real engine.
+EXECUTED_DIALECTS = ("duckdb", "postgres")
+#: Dialects the SQL is emitted for (and kept as golden files, parsed back by sqlglot).
+WAREHOUSE_DIALECTS = ("spark", "trino", "clickhouse", "snowflake", "bigquery")
+
+_TS_TYPE = exp.DataType.build("TIMESTAMPTZ")
+_DOUBLE = exp.DataType.build("DOUBLE")
+_FALSE = exp.false()
+
+
+def _lit(value: str | int | float | bool) -> exp.Expr:
+    if isinstance(value, bool):
+        return exp.true() if value else exp.false()
+    if isinstance(value, str):
+        return exp.Literal.string(value)
+    return exp.Literal.number(repr(float(value)) if isinstance(value, float) else value)
+
+
+def _moment(value: datetime) -> exp.Expr:
+    text = value.astimezone(UTC).isoformat(sep=" ")
+    return exp.cast(exp.Literal.string(text), _TS_TYPE)
+
+
+def _fn(name: str, *args: exp.Expr) -> exp.Expr:
+    return exp.Anonymous(this=name, expressions=list(args))
+
+
+def _two_valued(condition: exp.Expr) -> exp.Expr:
+    return exp.func("COALESCE", exp.paren(condition, copy=False), _FALSE)
+
+
+def _and(parts: list[exp.Expr]) -> exp.Expr:
+    if not parts:
+        return exp.true()
+    return exp.and_(*parts, copy=False) if len(parts) > 1 else parts[0]
+
+
+class _Json:
+    """Typed reads of a JSON column; the generic form for warehouses (no type check)."""
+
+    def text(self, column: exp.Expr, path: str) -> exp.Expr:
+        keys = [exp.JSONPathRoot(), *(exp.JSONPathKey(this=k) for k in path.split("."))]
+        return exp.JSONExtractScalar(this=column, expression=exp.JSONPath(expressions=keys))
+
+    def value(self, column: exp.Expr, path: str, kind: FieldType) -> exp.Expr:
+        text = self.text(column, path)
+        if kind is FieldType.STRING:
+            return text
+        target = {
+            FieldType.NUMBER: _DOUBLE,
+            FieldType.INTEGER: _DOUBLE,
+            FieldType.BOOLEAN: exp.DataType.build("BOOLEAN"),
+            FieldType.TIMESTAMP: _TS_TYPE,
+        }.get(kind)
+        return exp.TryCast(this=text, to=target) if target else text
+
+    def present(self, column: exp.Expr, path: str) -> exp.Expr:
+        return exp.Not(this=exp.Is(this=self.text(column, path), expression=exp.null()))
+
+
+class _DuckJson(_Json):
+    """DuckDB: ``json_type`` decides whether the stored value has the declared type."""
+
+    _TYPES: ClassVar[dict[FieldType, Any]] = {
+        FieldType.STRING: ("VARCHAR",),
+        FieldType.TIMESTAMP: ("VARCHAR",),
+        FieldType.NUMBER: ("BIGINT", "UBIGINT", "DOUBLE"),
+        FieldType.INTEGER: ("BIGINT", "UBIGINT", "DOUBLE"),
+        FieldType.BOOLEAN: ("BOOLEAN",),
+    }
+
+    def _path(self, path: str) -> exp.Expr:
+        return exp.Literal.string("$." + path)
+
+    def text(self, column: exp.Expr, path: str) -> exp.Expr:
+        return _fn("json_extract_string", column.copy(), self._path(path))
+
+    def value(self, column: exp.Expr, path: str, kind: FieldType) -> exp.Expr:
+        raw = _fn("json_extract", column.copy(), self._path(path))
+        if kind in (FieldType.OBJECT, FieldType.ARRAY):
+            return raw
+        type_ok = exp.In(
+            this=_fn("json_type", raw.copy()),
+            expressions=[exp.Literal.string(t) for t in self._TYPES[kind]],
+        )
+        if kind is FieldType.STRING:
+            read: exp.Expr = self.text(column, path)
+        elif kind is FieldType.TIMESTAMP:
+            read = _stored_moment(self.text(column, path), exp.TryCast)
+        elif kind is FieldType.BOOLEAN:
+            read = exp.cast(raw.copy(), "BOOLEAN")
+        else:
+            read = exp.cast(raw.copy(), _DOUBLE)
+        return exp.Case(ifs=[exp.If(this=type_ok, true=read)])
+
+    def present(self, column: exp.Expr, path: str) -> exp.Expr:
+        kind = _fn("json_type", _fn("json_extract", column.copy(), self._path(path)))
+        return exp.NEQ(this=kind, expression=exp.Literal.string("NULL"))
+
+
+class _PgJson(_Json):
+    """PostgreSQL (JSONB): ``jsonb_typeof`` decides whether the value has the declared type."""
+
+    _TYPES: ClassVar[dict[FieldType, Any]] = {
+        FieldType.STRING: "string",
+        FieldType.TIMESTAMP: "string",
+        FieldType.NUMBER: "number",
+        FieldType.INTEGER: "number",
+        FieldType.BOOLEAN: "boolean",
+    }
+
+    def _keys(self, path: str) -> list[exp.Expr]:
+        return [exp.Literal.string(k) for k in path.split(".")]
+
+    def text(self, column: exp.Expr, path: str) -> exp.Expr:
+        return _fn("jsonb_extract_path_text", column.copy(), *self._keys(path))
+
+    def value(self, column: exp.Expr, path: str, kind: FieldType) -> exp.Expr:
+        raw = _fn("jsonb_extract_path", column.copy(), *self._keys(path))
+        if kind in (FieldType.OBJECT, FieldType.ARRAY):
+            return raw
+        type_ok = exp.EQ(
+            this=_fn("jsonb_typeof", raw), expression=exp.Literal.string(self._TYPES[kind])
+        )
+        text = self.text(column, path)
+        if kind is FieldType.TIMESTAMP:
+            read = _stored_moment(text, exp.Cast)
+        elif kind is FieldType.STRING:
+            read = text
+        else:
+            target = exp.DataType.build("BOOLEAN") if kind is FieldType.BOOLEAN else _DOUBLE
+            read = exp.cast(text, target)
+        return exp.Case(ifs=[exp.If(this=type_ok, true=read)])
+
+    def present(self, column: exp.Expr, path: str) -> exp.Expr:
+        kind = _fn("jsonb_typeof", _fn("jsonb_extract_path", column.copy(), *self._keys(path)))
+        return exp.NEQ(this=kind, expression=exp.Literal.string("null"))
+
+
+def _stored_moment(text: exp.Expr, cast: type[exp.Cast]) -> exp.Expr:
+    """``text`` as a timestamp when it has the stored form (:data:`ast.STORED_MOMENT`), else
+    NULL: PostgreSQL cannot try a cast, so the form is checked first."""
+    form = exp.RegexpLike(this=text.copy(), expression=exp.Literal.string(ast.STORED_MOMENT))
+    return exp.Case(ifs=[exp.If(this=form, true=cast(this=text.copy(), to=_TS_TYPE))])
+
+
+def _int(value: int) -> exp.Expr:
+    return exp.Literal.number(value)
+
+
+def _is_leap(year: exp.Expr) -> exp.Expr:
+    def divisible(n: int) -> exp.Expr:
+        return exp.EQ(this=exp.Mod(this=year.copy(), expression=_int(n)), expression=_int(0))
+
+    return exp.paren(exp.or_(exp.and_(divisible(4), exp.Not(this=divisible(100))), divisible(400)))
+
+
+def _json_for(dialect: str) -> _Json:
+    if dialect == "duckdb":
+        return _DuckJson()
+    if dialect == "postgres":
+        return _PgJson()
+    return _Json()
+
+
+def _ends_with(dialect: str, value: exp.Expr, suffix: str) -> exp.Expr:
+    if dialect == "duckdb":
+        return _fn("ends_with", value, exp.Literal.string(suffix))
+    if not suffix:
+        return exp.Not(this=exp.Is(this=value, expression=exp.null()))
+    right = exp.Right(this=value, expression=exp.Literal.number(len(suffix)))
+    return exp.EQ(this=right, expression=exp.Literal.string(suffix))
+
+
+def _make_date(dialect: str, y: exp.Expr, m: exp.Expr, d: exp.Expr) -> exp.Expr:
+    if dialect in ("duckdb", "postgres", "spark"):
+        return _fn("make_date", y, m, d)
+    return exp.DateFromParts(year=y, month=m, day=d)
+
+
+@dataclass
+class _Parts:
+    """What the final query joins: aggregate columns, sequence and pick CTEs, consent columns."""
+
+    event_names: set[str] = field(default_factory=set)
+    aggregates: dict[object, tuple[str, exp.Expr]] = field(default_factory=dict)
+    ctes: list[tuple[str, exp.Select]] = field(default_factory=list)
+    cte_keys: dict[object, str] = field(default_factory=dict)
+    consents: dict[tuple[str, str], str] = field(default_factory=dict)
+    zone_in_events: bool = False
+
+
+class _Compiler:
+    def __init__(
+        self, *, workspace_id: str, now: datetime, dialect: str, sample_percent: int | None = None
+    ) -> None:
+        if now.tzinfo is None:
+            raise ValueError("now must be an aware datetime")
+        if sample_percent is not None and dialect not in EXECUTED_DIALECTS:
+            raise ValueError(f"sampling is only compiled for {', '.join(EXECUTED_DIALECTS)}")
+        self.sample_percent = sample_percent
+        self.workspace_id = workspace_id
+        self.now = now
+        self.dialect = dialect
+        self.json = _json_for(dialect)
+        self.parts = _Parts()
+        self._profile_tz: exp.Expr = self.json.value(
+            exp.column("attributes", "p"), "timezone", FieldType.STRING
+        )
+
+    # -- values and tests ------------------------------------------------------------------
+
+    def _fold(self, value: exp.Expr) -> exp.Expr:
+        return _fn("TRANSLATE", value, exp.Literal.string(ast.UPPER), exp.Literal.string(ast.LOWER))
+
+    def _span(self, value: exp.Expr, window: ast.Window) -> exp.Expr:
+        span = ast.resolve(window, self.now)
+        parts: list[exp.Expr] = []
+        if span.lo is not None:
+            parts.append(exp.GTE(this=value.copy(), expression=_moment(span.lo)))
+        if span.hi is not None:
+            cls = exp.LT if span.hi_open else exp.LTE
+            parts.append(cls(this=value.copy(), expression=_moment(span.hi)))
+        return _and(parts)
+
+    def _literal(self, value: ast.Scalar, kind: FieldType) -> exp.Expr:
+        converted = ast.literal_value(value, kind)
+        if isinstance(converted, datetime):
+            return _moment(converted)
+        return _lit(converted)
+
+    def _zone(self, tz: exp.Expr) -> exp.Expr:
+        """The profile's zone if the engine knows it, else UTC (as in memory)."""
+        utc = exp.Literal.string("UTC")
+        if self.dialect == "duckdb":
+            names: exp.Expr = exp.select("name").from_(_fn("pg_timezone_names"))
+        elif self.dialect == "postgres":
+            names = exp.select("name").from_("pg_timezone_names")
+        else:
+            return exp.func("COALESCE", tz.copy(), utc)
+        known = exp.In(this=tz.copy(), query=exp.Subquery(this=names))
+        return exp.Case(ifs=[exp.If(this=known, true=tz.copy())], default=utc)
+
+    def _date_of_text(self, value: exp.Expr) -> exp.Expr:
+        """A string's leading ``YYYY-MM-DD`` as a DATE, NULL if it is not a real day (checked
+        by arithmetic before building it: PostgreSQL's casts cannot fail softly)."""
+
+        def number(start: int, length: int) -> exp.Expr:
+            piece = exp.Substring(this=value.copy(), start=_int(start), length=_int(length))
+            return exp.cast(piece, "INT")
+
+        y, m, d = number(1, 4), number(6, 2), number(9, 2)
+        days_in_month = exp.Case(
+            ifs=[
+                exp.If(
+                    this=exp.EQ(this=m.copy(), expression=_int(2)),
+                    true=exp.Case(ifs=[exp.If(this=_is_leap(y), true=_int(29))], default=_int(28)),
+                ),
+                exp.If(
+                    this=exp.In(this=m.copy(), expressions=[_int(4), _int(6), _int(9), _int(11)]),
+                    true=_int(30),
+                ),
+            ],
+            default=_int(31),
+        )
+        real_day = exp.Case(
+            ifs=[
+                exp.If(
+                    this=exp.Between(this=d.copy(), low=_int(1), high=days_in_month),
+                    true=_make_date(self.dialect, y.copy(), m.copy(), d.copy()),
+                )
+            ]
+        )
+        month_ok = exp.Case(
+            ifs=[
+                exp.If(
+                    this=exp.and_(
+                        exp.GTE(this=y.copy(), expression=_int(1)),
+                        exp.Between(this=m.copy(), low=_int(1), high=_int(12)),
+                    ),
+                    true=real_day,
+                )
+            ]
+        )
+        form = exp.RegexpLike(this=value.copy(), expression=exp.Literal.string(ast.STORED_DATE))
+        return exp.Case(ifs=[exp.If(this=form, true=month_ok)])
+
+    def _anniversary(self, value: exp.Expr, kind: FieldType, days: int, tz: exp.Expr) -> exp.Expr:
+        if kind is FieldType.TIMESTAMP:
+            day: exp.Expr = exp.cast(
+                exp.AtTimeZone(this=value, zone=exp.Literal.string("UTC")), "DATE"
+            )
+        else:
+            day = self._date_of_text(value)
+        zone = self._zone(tz)
+        today = exp.cast(exp.AtTimeZone(this=_moment(self.now), zone=zone), "DATE")
+
+        def part(unit: str, of: exp.Expr) -> exp.Expr:
+            return exp.cast(exp.Extract(this=exp.var(unit), expression=of.copy()), "INT")
+
+        month, dom, year = part("MONTH", day), part("DAY", day), part("YEAR", today)
+
+        def on_year(y: exp.Expr) -> exp.Expr:
+            feb29 = exp.and_(
+                exp.EQ(this=month.copy(), expression=_int(2)),
+                exp.EQ(this=dom.copy(), expression=_int(29)),
+                exp.Not(this=_is_leap(y)),
+            )
+            d = exp.Case(ifs=[exp.If(this=feb29, true=_int(28))], default=dom.copy())
+            return _make_date(self.dialect, y.copy(), month.copy(), d)
+
+        this_year = on_year(year)
+        next_year = on_year(exp.Add(this=year.copy(), expression=_int(1)))
+        candidate = exp.Case(
+            ifs=[
+                exp.If(this=exp.GTE(this=this_year.copy(), expression=today.copy()), true=this_year)
+            ],
+            default=next_year,
+        )
+        last_day = exp.DateAdd(this=today.copy(), expression=_int(days), unit=exp.var("DAY"))
+        return exp.LTE(this=candidate, expression=last_day)
+
+    def _test(
+        self,
+        test: Test,
+        value: exp.Expr,
+        kind: FieldType,
+        *,
+        present: Callable[[], exp.Expr],
+        tz: exp.Expr | None = None,
+    ) -> exp.Expr:
+        """The two-valued SQL of ``test`` on a typed value (NULL when missing)."""
+        if isinstance(test, Exists):
+            has = (
+                present()
+                if kind in (FieldType.OBJECT, FieldType.ARRAY)
+                else exp.Not(this=exp.Is(this=value, expression=exp.null()))
+            )
+            has = _two_valued(has)
+            return has if test.present else exp.Not(this=has)
+        if isinstance(test, Compare):
+            ops: dict[CompareOp, type[exp.Binary]] = {
+                CompareOp.EQ: exp.EQ,
+                CompareOp.NE: exp.NEQ,
+                CompareOp.LT: exp.LT,
+                CompareOp.LE: exp.LTE,
+                CompareOp.GT: exp.GT,
+                CompareOp.GE: exp.GTE,
+            }
+            return _two_valued(ops[test.op](this=value, expression=self._literal(test.value, kind)))
+        if isinstance(test, InList):
+            inside = exp.In(this=value, expressions=[self._literal(v, kind) for v in test.values])
+            return _two_valued(exp.Not(this=inside) if test.negated else inside)
+        if isinstance(test, Text):
+            folded, needle = self._fold(value), ast.fold(test.value)
+            if test.op is TextOp.STARTS_WITH:
+                cond: exp.Expr = exp.func("STARTS_WITH", folded, exp.Literal.string(needle))
+            elif test.op is TextOp.ENDS_WITH:
+                cond = _ends_with(self.dialect, folded, needle)
+            else:
+                cond = exp.GT(
+                    this=exp.StrPosition(this=folded, substr=exp.Literal.string(needle)),
+                    expression=exp.Literal.number(0),
+                )
+            return _two_valued(cond)
+        if isinstance(test, Within):
+            return _two_valued(self._span(value, test.window))
+        if isinstance(test, Anniversary):
+            return _two_valued(self._anniversary(value, kind, test.days, tz or self._profile_tz))
+        raise TypeError(f"not a test: {test!r}")
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _filter(self, node: Filter, props: exp.Expr, zone: exp.Expr) -> exp.Expr:
+        if isinstance(node, FilterAnd):
+            return exp.and_(*(self._filter(i, props, zone) for i in node.items))
+        if isinstance(node, FilterOr):
+            return exp.paren(exp.or_(*(self._filter(i, props, zone) for i in node.items)))
+        if isinstance(node, FilterNot):
+            return exp.Not(this=exp.paren(self._filter(node.item, props, zone)))
+        kind = _kind(node)
+        value = self.json.value(props, node.path, kind)
+        if isinstance(node.test, Anniversary):
+            self.parts.zone_in_events = True  # the events CTE then carries the profile's zone
+        return self._test(
+            node.test, value, kind, present=lambda: self.json.present(props, node.path), tz=zone
+        )
+
+    def _match(self, ref: EventRef, alias: str | None = None) -> exp.Expr:
+        """Whether an event row (of ``alias``, or unqualified) matches ``ref``."""
+        self.parts.event_names.add(ref.name)
+        col = (lambda c: exp.column(c, alias)) if alias else exp.column
+        parts: list[exp.Expr] = [exp.EQ(this=col("name"), expression=exp.Literal.string(ref.name))]
+        if ref.window is not None:
+            parts.append(self._span(col("ts"), ref.window))
+        if ref.where is not None:
+            parts.append(self._filter(ref.where, col("properties"), col("zone")))
+        return _and(parts)
+
+    def _aggregate_column(self, key: object, make: Callable[[], exp.Expr]) -> exp.Expr:
+        if key not in self.parts.aggregates:
+            self.parts.aggregates[key] = (f"a{len(self.parts.aggregates)}", make())
+        return exp.column(self.parts.aggregates[key][0], "agg")
+
+    def _count(self, ref: EventRef) -> exp.Expr:
+        def make() -> exp.Expr:
+            case = exp.Case(
+                ifs=[exp.If(this=self._match(ref), true=exp.Literal.number(1))],
+                default=exp.Literal.number(0),
+            )
+            return exp.Sum(this=case)
+
+        return exp.func(
+            "COALESCE", self._aggregate_column(("count", ref), make), exp.Literal.number(0)
+        )
+
+    def _aggregate(self, node: Aggregate) -> exp.Expr:
+        def make() -> exp.Expr:
+            number = self.json.value(exp.column("properties"), node.path, FieldType.NUMBER)
+            case = exp.Case(ifs=[exp.If(this=self._match(node.event), true=number)])
+            fn = {
+                AggregateFn.SUM: exp.Sum,
+                AggregateFn.AVG: exp.Avg,
+                AggregateFn.MIN: exp.Min,
+                AggregateFn.MAX: exp.Max,
+            }[node.fn]
+            return fn(this=case)
+
+        column = self._aggregate_column(("agg", node.fn, node.event, node.path), make)
+        if node.fn is AggregateFn.SUM:
+            column = exp.func("COALESCE", column, exp.Literal.number(0))
+        ops: dict[CompareOp, type[exp.Binary]] = {
+            CompareOp.EQ: exp.EQ,
+            CompareOp.NE: exp.NEQ,
+            CompareOp.LT: exp.LT,
+            CompareOp.LE: exp.LTE,
+            CompareOp.GT: exp.GT,
+            CompareOp.GE: exp.GTE,
+        }
+        return _two_valued(ops[node.op](this=column, expression=_lit(float(node.value))))
+
+    def _cte(self, key: object, build: Callable[[str], exp.Select]) -> str:
+        name = self.parts.cte_keys.get(key)
+        if name is None:
+            name = f"c{len(self.parts.ctes)}"
+            self.parts.cte_keys[key] = name
+            self.parts.ctes.append((name, build(name)))
+        return name
+
+    def _pick(self, node: Pick) -> exp.Expr:
+        kind = _kind(node)
+
+        def build(_name: str) -> exp.Select:
+            if node.path is None:
+                value: exp.Expr = exp.column("ts")
+            else:
+                value = self.json.value(exp.column("properties"), node.path, kind)
+            direction = node.which is Which.LAST
+            order = exp.Order(
+                expressions=[
+                    exp.Ordered(this=exp.column("ts"), desc=direction),
+                    exp.Ordered(this=exp.column("seq"), desc=direction),
+                ]
+            )
+            rank = exp.Window(
+                this=exp.RowNumber(), partition_by=[exp.column("profile_id")], order=order
+            )
+            inner = (
+                exp.select(
+                    exp.column("profile_id"), exp.alias_(value, "val"), exp.alias_(rank, "rn")
+                )
+                .from_("ev")
+                .where(self._match(node.event))
+            )
+            return (
+                exp.select("profile_id", "val")
+                .from_(inner.subquery("ranked"))
+                .where(exp.EQ(this=exp.column("rn"), expression=exp.Literal.number(1)))
+            )
+
+        name = self._cte(("pick", node), build)
+        value = exp.column("val", name)
+        found = exp.Not(this=exp.Is(this=exp.column("profile_id", name), expression=exp.null()))
+        present = lambda: exp.Not(this=exp.Is(this=value.copy(), expression=exp.null()))  # noqa: E731
+        return exp.and_(found, self._test(node.test, value, kind, present=present))
+
+    def _after(self, later: str, earlier: str) -> exp.Expr:
+        """``later`` comes strictly after ``earlier`` in (timestamp, seq) order."""
+        ts_l, ts_e = exp.column("ts", later), exp.column("ts", earlier)
+        return exp.paren(
+            exp.or_(
+                exp.GT(this=ts_l, expression=ts_e),
+                exp.and_(
+                    exp.EQ(this=ts_l.copy(), expression=ts_e.copy()),
+                    exp.GT(this=exp.column("seq", later), expression=exp.column("seq", earlier)),
+                ),
+            )
+        )
+
+    def _deadline(self, first: str, seconds: int) -> exp.Expr:
+        interval = exp.Interval(this=exp.Literal.string(str(seconds)), unit=exp.var("SECOND"))
+        return exp.Add(this=exp.column("ts", first), expression=interval)
+
+    def _sequence(self, node: Sequence) -> exp.Expr:
+        seconds = int(node.within.delta.total_seconds())
+        positive = node.steps[:-1] if node.absent_last else node.steps
+
+        def build(_name: str) -> exp.Select:
+            aliases = [f"s{i}" for i in range(len(positive))]
+            query = (
+                exp.select(exp.column("profile_id", aliases[0]))
+                .distinct()
+                .from_(exp.alias_(exp.to_table("ev"), aliases[0], table=True))
+            )
+            conditions = [self._match(positive[0], aliases[0])]
+            for i in range(1, len(positive)):
+                a, prev = aliases[i], aliases[i - 1]
+                on = exp.and_(
+                    exp.EQ(
+                        this=exp.column("profile_id", a),
+                        expression=exp.column("profile_id", aliases[0]),
+                    ),
+                    self._after(a, prev),
+                    exp.LTE(
+                        this=exp.column("ts", a), expression=self._deadline(aliases[0], seconds)
+                    ),
+                )
+                query = query.join(exp.alias_(exp.to_table("ev"), a, table=True), on=on)
+                conditions.append(self._match(positive[i], a))
+            if node.absent_last:
+                conditions.append(
+                    exp.LTE(this=self._deadline(aliases[0], seconds), expression=_moment(self.now))
+                )
+                later = (
+                    exp.select(exp.Literal.number(1))
+                    .from_(exp.alias_(exp.to_table("ev"), "n", table=True))
+                    .where(
+                        exp.and_(
+                            exp.EQ(
+                                this=exp.column("profile_id", "n"),
+                                expression=exp.column("profile_id", aliases[0]),
+                            ),
+                            self._match(node.steps[-1], "n"),
+                            self._after("n", aliases[-1]),
+                            exp.LTE(
+                                this=exp.column("ts", "n"),
+                                expression=self._deadline(aliases[0], seconds),
+                            ),
+                        )
+                    )
+                )
+                conditions.append(exp.Not(this=exp.Exists(this=later)))
+            return query.where(_and(conditions))
+
+        name = self._cte(("sequence", node), build)
+        return exp.Not(this=exp.Is(this=exp.column("profile_id", name), expression=exp.null()))
+
+    # -- conditions ----------------------------------------------------------------------------
+
+    def condition(self, node: Expr) -> exp.Expr:
+        if isinstance(node, And):
+            return exp.paren(exp.and_(*(self.condition(i) for i in node.items)))
+        if isinstance(node, Or):
+            return exp.paren(exp.or_(*(self.condition(i) for i in node.items)))
+        if isinstance(node, Not):
+            return exp.Not(this=exp.paren(self.condition(node.item)))
+        if isinstance(node, Attr):
+            kind = _kind(node)
+            attrs = exp.column("attributes", "p")
+            value = self.json.value(attrs, node.path, kind)
+            return self._test(
+                node.test, value, kind, present=lambda: self.json.present(attrs, node.path)
+            )
+        if isinstance(node, Occurs):
+            return exp.GT(this=self._count(node.event), expression=exp.Literal.number(0))
+        if isinstance(node, Count):
+            ops: dict[CompareOp, type[exp.Binary]] = {
+                CompareOp.EQ: exp.EQ,
+                CompareOp.NE: exp.NEQ,
+                CompareOp.LT: exp.LT,
+                CompareOp.LE: exp.LTE,
+                CompareOp.GT: exp.GT,
+                CompareOp.GE: exp.GTE,
+            }
+            return ops[node.op](
+                this=self._count(node.event), expression=exp.Literal.number(node.value)
+            )
+        if isinstance(node, Aggregate):
+            return self._aggregate(node)
+        if isinstance(node, Pick):
+            return self._pick(node)
+        if isinstance(node, Sequence):
+            return self._sequence(node)
+        if isinstance(node, Consent):
+            key = (node.channel, node.purpose)
+            column = self.parts.consents.setdefault(key, f"k{len(self.parts.consents)}")
+            status = exp.func("COALESCE", exp.column(column, "cons"), exp.Literal.string("unknown"))
+            cls = exp.NEQ if node.negated else exp.EQ
+            return cls(this=status, expression=exp.Literal.string(node.status.value))
+        if isinstance(node, InAudience):
+            raise ValueError(f"expand audience references before compiling: {node.name!r}")
+        raise TypeError(f"not a condition: {node!r}")
+
+    # -- the query -------------------------------------------------------------------------------
+
+    def _workspace(self, alias: str | None = None, *, sampled: str | None = None) -> exp.Expr:
+        """This workspace's rows (and, when sampling, only the sampled profiles: ``sampled``
+        names the profile id column)."""
+        same = exp.EQ(
+            this=exp.column("workspace_id", alias) if alias else exp.column("workspace_id"),
+            expression=exp.Literal.string(self.workspace_id),
+        )
+        if self.sample_percent is None or sampled is None:
+            return same
+        column = exp.column(sampled, alias) if alias else exp.column(sampled)
+        if self.dialect == "duckdb":
+            bucket: exp.Expr = exp.Mod(this=_fn("hash", column), expression=exp.Literal.number(100))
+        else:  # hashtext is a 32-bit signed integer: shift it to be non-negative
+            shifted = exp.Add(
+                this=exp.cast(_fn("hashtext", column), "BIGINT"),
+                expression=exp.Literal.number(2**31),
+            )
+            bucket = exp.Mod(this=exp.paren(shifted), expression=exp.Literal.number(100))
+        return exp.and_(
+            same, exp.LT(this=bucket, expression=exp.Literal.number(self.sample_percent))
+        )
+
+    def query(self, node: Expr) -> exp.Select:
+        where = self.condition(node)
+        parts = self.parts
+        ctes: list[tuple[str, exp.Select]] = []
+        if parts.event_names:
+            columns: list[exp.Expr] = [
+                exp.column("profile_id"),
+                exp.column("name"),
+                exp.alias_(exp.column("timestamp", quoted=True), "ts"),
+                exp.column("seq"),
+                exp.column("properties"),
+            ]
+            if parts.zone_in_events:  # an anniversary of an event property: the profile's zone
+                zone = self.json.value(exp.column("attributes", "p"), "timezone", FieldType.STRING)
+                lookup = (
+                    exp.select(zone)
+                    .from_(exp.alias_(exp.to_table("profiles"), "p", table=True))
+                    .where(
+                        exp.and_(
+                            self._workspace("p"),
+                            exp.EQ(
+                                this=exp.column("id", "p"),
+                                expression=exp.column("profile_id", "events"),
+                            ),
+                        )
+                    )
+                )
+                columns.append(exp.alias_(exp.Subquery(this=lookup), "zone"))
+            events = (
+                exp.select(*columns)
+                .from_("events")
+                .where(
+                    exp.and_(
+                        self._workspace(sampled="profile_id"),
+                        exp.LTE(
+                            this=exp.column("timestamp", quoted=True), expression=_moment(self.now)
+                        ),
+                        exp.In(
+                            this=exp.column("name"),
+                            expressions=[exp.Literal.string(n) for n in sorted(parts.event_names)],
+                        ),
+                    )
+                )
+            )
+            ctes.append(("ev", events))
+        if parts.aggregates:
+            columns = [exp.alias_(e, name) for name, e in parts.aggregates.values()]
+            ctes.append(
+                ("agg", exp.select("profile_id", *columns).from_("ev").group_by("profile_id"))
+            )
+        ctes.extend(parts.ctes)
+        if parts.consents:
+            pivots = []
+            for (channel, purpose), name in parts.consents.items():
+                hit = exp.and_(
+                    exp.EQ(this=exp.column("channel"), expression=exp.Literal.string(channel)),
+                    exp.EQ(this=exp.column("purpose"), expression=exp.Literal.string(purpose)),
+                )
+                pivots.append(
+                    exp.alias_(
+                        exp.Max(this=exp.Case(ifs=[exp.If(this=hit, true=exp.column("status"))])),
+                        name,
+                    )
+                )
+            ctes.append(
+                (
+                    "cons",
+                    exp.select("profile_id", *pivots)
+                    .from_("consents")
+                    .where(self._workspace())
+                    .group_by("profile_id"),
+                )
+            )
+        select = exp.select(exp.alias_(exp.column("id", "p"), "profile_id")).from_(
+            exp.alias_(exp.to_table("profiles"), "p", table=True)
+        )
+        joined = (
+            ["agg", *(name for name, _ in parts.ctes)]
+            if parts.aggregates
+            else [n for n, _ in parts.ctes]
+        )
+        if parts.consents:
+            joined.append("cons")
+        for name in joined:
+            select = select.join(
+                name,
+                on=exp.EQ(this=exp.column("profile_id", name), expression=exp.column("id", "p")),
+                join_type="LEFT",
+            )
+        select = select.where(exp.and_(self._workspace("p", sampled="id"), where))
+        for name, cte in ctes:
+            select = select.with_(name, as_=cte)
+        return select
+
+
+def _kind(node: Attr | Prop | Pick) -> FieldType:
+    if node.kind is None:
+        raise ValueError(f"check the audience before compiling it: no type for {node!r}")
+    return node.kind
+
+
+def compile_sql(
+    expr: Expr,
+    *,
+    workspace_id: str,
+    now: datetime,
+    dialect: str = "duckdb",
+    sample_percent: int | None = None,
+) -> exp.Select:
+    """The members of ``expr`` at ``now``, as one ``SELECT profile_id`` for ``dialect``.
+
+    ``expr`` must be checked (types filled) and expanded (no ``in audience``). With
+    ``sample_percent`` only profiles whose id hashes into that share of 100 buckets are read
+    (the same profiles every time: size estimates).
+    """
+    return _Compiler(
+        workspace_id=workspace_id, now=now, dialect=dialect, sample_percent=sample_percent
+    ).query(expr)
+
+
+def to_sql(
+    expr: Expr, *, workspace_id: str, now: datetime, dialect: str = "duckdb", pretty: bool = False
+) -> str:
+    """:func:`compile_sql` rendered as text for ``dialect``."""
+    return compile_sql(expr, workspace_id=workspace_id, now=now, dialect=dialect).sql(
+        dialect=dialect, pretty=pretty
+    )

@@ -1,0 +1,1 @@
+"""The audience language: AST (:mod:`.ast`), text and JSON forms, and the schema checker."""

@@ -1,0 +1,622 @@
+"""Audiences as stored objects: definitions, batch runs, memberships and their changes.
+
+A definition is saved in its JSON form after being checked against the workspace's schema in
+force and its other audiences (references must exist, cycles are refused). A batch run evaluates
+the audience's SQL at one instant on the event log's engine, compares the members found with the
+stored membership and writes only the differences: each profile that entered (``realized``) or
+left (``exited``) gets a row in ``audience_changes``, the stream that journeys, destinations and
+reports read in ``seq`` order.
+
+The embedded event log (DuckDB) does not hold the state tables, so a run hands it Arrow
+snapshots of the workspace's profiles and consents, read from the state store; on PostgreSQL the
+log shares the state database and the query reads them in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import pyarrow as pa
+from croniter import croniter
+from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from waymark.access.service import record_audit
+from waymark.core.errors import Conflict, InvalidInput, Issue, NotFound
+from waymark.core.ids import new_id
+from waymark.hub import Hub
+from waymark.profiles.schema_store import current_schema
+from waymark.segmentation.compile.sql import EXECUTED_DIALECTS, WAREHOUSE_DIALECTS, compile_sql
+from waymark.segmentation.lang import ast
+from waymark.segmentation.lang.check import check, expand, references
+from waymark.segmentation.lang.jsonform import from_json, to_json
+from waymark.segmentation.lang.parser import parse
+from waymark.segmentation.lang.printer import to_text
+from waymark.storage.hotpath import fetch_rows
+from waymark.storage.tables import audience_changes, audience_members, audience_runs, audiences
+
+__all__ = [
+    "Audience",
+    "delete_audience",
+    "estimate",
+    "explain",
+    "get_audience",
+    "list_audiences",
+    "member_ids",
+    "members_of",
+    "overlap",
+    "profile_memberships",
+    "read_definition",
+    "run_audience",
+    "run_due",
+    "save_audience",
+]
+
+NAME_MAX = 100
+#: Why every audience is evaluated in batch for now (streaming evaluation is not built yet).
+BATCH_REASON = "evaluated in batch: streaming evaluation is not available in this version"
+
+
+@dataclass(frozen=True, slots=True)
+class Audience:
+    """A saved audience; ``definition`` is checked against the schema it was saved under."""
+
+    id: str
+    workspace_id: str
+    name: str
+    description: str
+    definition: ast.Expr
+    mode: str
+    schedule: str | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    created_by: str
+    last_run_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "text": to_text(self.definition),
+            "definition": to_json(self.definition),
+            "mode": self.mode,
+            "schedule": self.schedule,
+            "version": self.version,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "created_by": self.created_by,
+            "last_run_at": self.last_run_at.isoformat() if self.last_run_at else None,
+        }
+
+
+def _row_to_audience(row: Any) -> Audience:
+    return Audience(
+        id=row.id,
+        workspace_id=row.workspace_id,
+        name=row.name,
+        description=row.description,
+        definition=from_json(row.definition),
+        mode=row.mode,
+        schedule=row.schedule,
+        version=row.version,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        created_by=row.created_by,
+        last_run_at=row.last_run_at,
+    )
+
+
+def _stored(conn: Connection, workspace_id: str) -> dict[str, Audience]:
+    rows = conn.execute(select(audiences).where(audiences.c.workspace_id == workspace_id))
+    return {row.name: _row_to_audience(row) for row in rows}
+
+
+def read_definition(
+    conn: Connection, workspace_id: str, definition: object, *, known: Collection[str] | None = None
+) -> ast.Expr:
+    """A definition in text (``str``) or JSON (``dict``) form, checked against the schema in
+    force and the workspace's audiences (``known`` overrides the names allowed in references)."""
+    schema = current_schema(conn, workspace_id).schema
+    names = set(_stored(conn, workspace_id)) if known is None else set(known)
+    if isinstance(definition, str):
+        return parse(definition, schema, audiences=names)
+    if isinstance(definition, Mapping):
+        return check(from_json(definition), schema, audiences=names)
+    raise InvalidInput(
+        [Issue("definition", "must be the text form (a string) or the JSON form (an object)")]
+    )
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name.strip() or len(name) > NAME_MAX:
+        raise InvalidInput([Issue("name", f"must be 1 to {NAME_MAX} characters")])
+    if name != name.strip() or any(ord(c) < 32 for c in name):
+        raise InvalidInput(
+            [Issue("name", "must not start or end with spaces or hold control characters")]
+        )
+
+
+def _check_schedule(schedule: str | None) -> None:
+    if schedule is not None and not croniter.is_valid(schedule):
+        raise InvalidInput(
+            [Issue("schedule", f"{schedule!r} is not a cron expression (e.g. '0 6 * * *')")]
+        )
+
+
+def _cycle(name: str, expr: ast.Expr, stored: Mapping[str, Audience]) -> None:
+    definitions = {n: a.definition for n, a in stored.items()}
+    definitions[name] = expr
+    expand(ast.InAudience(name), definitions)  # raises on a cycle through ``name``
+
+
+def save_audience(
+    conn: Connection,
+    workspace_id: str,
+    *,
+    name: str,
+    definition: object,
+    description: str = "",
+    schedule: str | None = None,
+    actor: str,
+    now: datetime,
+) -> Audience:
+    """Create the audience ``name`` or replace its definition (a new version)."""
+    _check_name(name)
+    _check_schedule(schedule)
+    if len(description) > 1000:
+        raise InvalidInput([Issue("description", "must be at most 1000 characters")])
+    stored = _stored(conn, workspace_id)
+    expr = read_definition(conn, workspace_id, definition, known=set(stored) | {name})
+    if name in references(expr):
+        raise InvalidInput([Issue("definition", f"audience {name!r} cannot contain itself")])
+    _cycle(name, expr, stored)
+    values = {
+        "description": description,
+        "definition": to_json(expr),
+        "mode": "batch",
+        "schedule": schedule,
+        "updated_at": now,
+    }
+    existing = stored.get(name)
+    if existing is None:
+        audience_id = new_id()
+        conn.execute(
+            insert(audiences).values(
+                id=audience_id,
+                workspace_id=workspace_id,
+                name=name,
+                version=1,
+                created_at=now,
+                created_by=actor,
+                **values,
+            )
+        )
+        action = "audience.create"
+    else:
+        audience_id = existing.id
+        conn.execute(
+            update(audiences)
+            .where(audiences.c.id == audience_id)
+            .values(version=existing.version + 1, **values)
+        )
+        action = "audience.update"
+    record_audit(
+        conn,
+        workspace_id=workspace_id,
+        actor=actor,
+        action=action,
+        target_type="audience",
+        target_id=name,
+        details={"text": to_text(expr)},
+        at=now,
+    )
+    return get_audience(conn, workspace_id, name)
+
+
+def get_audience(conn: Connection, workspace_id: str, name: str) -> Audience:
+    row = conn.execute(
+        select(audiences).where(audiences.c.workspace_id == workspace_id, audiences.c.name == name)
+    ).first()
+    if row is None:
+        raise NotFound(f"no audience named {name!r} in this workspace")
+    return _row_to_audience(row)
+
+
+def list_audiences(conn: Connection, workspace_id: str) -> list[Audience]:
+    return sorted(_stored(conn, workspace_id).values(), key=lambda a: a.name)
+
+
+def delete_audience(
+    conn: Connection, workspace_id: str, name: str, *, actor: str, now: datetime
+) -> None:
+    """Delete an audience with its memberships, history and runs; refused while another
+    audience refers to it."""
+    stored = _stored(conn, workspace_id)
+    target = stored.get(name)
+    if target is None:
+        raise NotFound(f"no audience named {name!r} in this workspace")
+    users = sorted(n for n, a in stored.items() if name in references(a.definition))
+    if users:
+        raise Conflict(
+            f"audience {name!r} is used by {', '.join(map(repr, users))}; change those first"
+        )
+    for table in (audience_members, audience_changes, audience_runs):
+        conn.execute(
+            delete(table).where(
+                table.c.workspace_id == workspace_id, table.c.audience_id == target.id
+            )
+        )
+    conn.execute(delete(audiences).where(audiences.c.id == target.id))
+    record_audit(
+        conn,
+        workspace_id=workspace_id,
+        actor=actor,
+        action="audience.delete",
+        target_type="audience",
+        target_id=name,
+        at=now,
+    )
+
+
+def expanded(conn: Connection, workspace_id: str, expr: ast.Expr) -> ast.Expr:
+    """``expr`` with every ``in audience`` replaced by that audience's definition, checked
+    against the schema in force (ready for an evaluator). Raises :class:`InvalidInput` when
+    the schema no longer has what a definition names."""
+    definitions = {n: a.definition for n, a in _stored(conn, workspace_id).items()}
+    schema = current_schema(conn, workspace_id).schema
+    return check(expand(expr, definitions), schema)
+
+
+def explain(
+    conn: Connection,
+    workspace_id: str,
+    expr: ast.Expr,
+    *,
+    now: datetime,
+    dialects: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """The text, JSON, evaluation mode and SQL per dialect of a checked definition."""
+    full = expanded(conn, workspace_id, expr)
+    names = list(dialects) if dialects is not None else [*EXECUTED_DIALECTS, *WAREHOUSE_DIALECTS]
+    unknown = [d for d in names if d not in (*EXECUTED_DIALECTS, *WAREHOUSE_DIALECTS)]
+    if unknown:
+        choices = ", ".join((*EXECUTED_DIALECTS, *WAREHOUSE_DIALECTS))
+        raise InvalidInput([Issue("dialect", f"unknown dialect {unknown[0]!r}; one of {choices}")])
+    return {
+        "text": to_text(expr),
+        "definition": to_json(expr),
+        "references": sorted(references(expr)),
+        "mode": "batch",
+        "mode_reason": BATCH_REASON,
+        "as_of": now.isoformat(),
+        "sql": {
+            d: compile_sql(full, workspace_id=workspace_id, now=now, dialect=d).sql(
+                dialect=d, pretty=True
+            )
+            for d in names
+        },
+    }
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+def _snapshot(hub: Hub, workspace_id: str) -> dict[str, pa.Table]:
+    """The workspace's profiles and consents as Arrow tables, for an embedded event log."""
+    with hub.engine.connect() as conn:
+        mark = "%s" if conn.dialect.name == "postgresql" else "?"
+        profiles = fetch_rows(
+            conn,
+            f"SELECT workspace_id, id, attributes FROM profiles WHERE workspace_id = {mark}",
+            (workspace_id,),
+        )
+        consents = fetch_rows(
+            conn,
+            "SELECT workspace_id, profile_id, channel, purpose, status FROM consents "
+            f"WHERE workspace_id = {mark}",
+            (workspace_id,),
+        )
+
+    def text(value: Any) -> str:
+        return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+    return {
+        "profiles": pa.table(
+            {
+                "workspace_id": pa.array([r[0] for r in profiles], pa.string()),
+                "id": pa.array([r[1] for r in profiles], pa.string()),
+                "attributes": pa.array([text(r[2]) for r in profiles], pa.string()),
+            }
+        ),
+        "consents": pa.table(
+            {
+                name: pa.array([r[i] for r in consents], pa.string())
+                for i, name in enumerate(
+                    ("workspace_id", "profile_id", "channel", "purpose", "status")
+                )
+            }
+        ),
+    }
+
+
+def member_ids(
+    hub: Hub, workspace_id: str, expr: ast.Expr, *, now: datetime, sample_percent: int | None = None
+) -> list[str]:
+    """The profiles matching a checked definition at ``now`` (a sample of profiles if asked)."""
+    with hub.engine.connect() as conn:
+        full = expanded(conn, workspace_id, expr)
+    log = hub.events
+    query = compile_sql(
+        full, workspace_id=workspace_id, now=now, dialect=log.dialect, sample_percent=sample_percent
+    ).sql(dialect=log.dialect)
+    return [str(v) for v in log.select_column(query, lambda: _snapshot(hub, workspace_id))]
+
+
+def estimate(
+    hub: Hub, workspace_id: str, expr: ast.Expr, *, now: datetime, percent: int = 5
+) -> dict[str, Any]:
+    """A size estimate from a hash sample of ``percent`` % of profiles, with a 95 % interval
+    (normal approximation of the binomial count); exact when ``percent`` is 100."""
+    if not 1 <= percent <= 100:
+        raise InvalidInput([Issue("percent", "must be between 1 and 100")])
+    found = len(
+        member_ids(
+            hub, workspace_id, expr, now=now, sample_percent=percent if percent < 100 else None
+        )
+    )
+    p = percent / 100
+    value = found / p
+    margin = 1.96 * math.sqrt(found * (1 - p)) / p if percent < 100 else 0.0
+    return {
+        "estimate": round(value),
+        "low": max(0, math.floor(value - margin)),
+        "high": math.ceil(value + margin),
+        "sampled_percent": percent,
+        "sample_members": found,
+        "as_of": now.isoformat(),
+    }
+
+
+def overlap(
+    hub: Hub, workspace_id: str, first: ast.Expr, second: ast.Expr, *, now: datetime
+) -> dict[str, int]:
+    """How many profiles are in one, the other, or both of two definitions at ``now``."""
+    a = set(member_ids(hub, workspace_id, first, now=now))
+    b = set(member_ids(hub, workspace_id, second, now=now))
+    return {
+        "first": len(a),
+        "second": len(b),
+        "both": len(a & b),
+        "only_first": len(a - b),
+        "only_second": len(b - a),
+    }
+
+
+def _upsert(conn: Connection) -> Any:
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+def _chunks(items: list[str], size: int = 5000) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def apply_members(
+    conn: Connection,
+    audience: Audience,
+    found: Collection[str],
+    *,
+    now: datetime,
+    run_id: str | None,
+) -> tuple[int, int]:
+    """Make ``found`` the audience's realized members; write and return (realized, exited)."""
+    current = {
+        r[0]
+        for r in conn.execute(
+            select(audience_members.c.profile_id).where(
+                audience_members.c.workspace_id == audience.workspace_id,
+                audience_members.c.audience_id == audience.id,
+                audience_members.c.status == "realized",
+            )
+        )
+    }
+    found_set = set(found)
+    entered = sorted(found_set - current)
+    left = sorted(current - found_set)
+    base = {"workspace_id": audience.workspace_id, "audience_id": audience.id}
+    ins = _upsert(conn)(audience_members)
+    for chunk in _chunks(entered):
+        stmt = ins.values(
+            [
+                {
+                    **base,
+                    "profile_id": p,
+                    "status": "realized",
+                    "realized_at": now,
+                    "exited_at": None,
+                }
+                for p in chunk
+            ]
+        )
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["workspace_id", "audience_id", "profile_id"],
+                set_={
+                    "status": stmt.excluded.status,
+                    "realized_at": stmt.excluded.realized_at,
+                    "exited_at": None,
+                },
+            )
+        )
+    for chunk in _chunks(left):
+        conn.execute(
+            update(audience_members)
+            .where(
+                audience_members.c.workspace_id == audience.workspace_id,
+                audience_members.c.audience_id == audience.id,
+                audience_members.c.profile_id.in_(chunk),
+            )
+            .values(status="exited", exited_at=now)
+        )
+    changes = [
+        {**base, "profile_id": p, "change": "realized", "at": now, "run_id": run_id}
+        for p in entered
+    ]
+    changes += [
+        {**base, "profile_id": p, "change": "exited", "at": now, "run_id": run_id} for p in left
+    ]
+    if changes:
+        conn.execute(insert(audience_changes), changes)
+    return len(entered), len(left)
+
+
+def run_audience(
+    hub: Hub,
+    workspace_id: str,
+    name: str,
+    *,
+    now: datetime,
+    trigger: str = "manual",
+    actor: str = "system",
+) -> dict[str, Any]:
+    """Evaluate an audience at ``now`` and store the membership changes; returns the run.
+
+    A failing evaluation is recorded as a failed run (with its error) and raised again.
+    """
+    with hub.tx() as conn:
+        audience = get_audience(conn, workspace_id, name)
+        run_id = new_id()
+        conn.execute(
+            insert(audience_runs).values(
+                id=run_id,
+                workspace_id=workspace_id,
+                audience_id=audience.id,
+                trigger=trigger,
+                as_of=now,
+                status="running",
+                started_at=hub.clock.now(),
+                actor=actor,
+            )
+        )
+    try:
+        found = member_ids(hub, workspace_id, audience.definition, now=now)
+    except Exception as exc:
+        with hub.tx() as conn:
+            conn.execute(
+                update(audience_runs)
+                .where(audience_runs.c.id == run_id)
+                .values(status="failed", error=str(exc)[:2000], finished_at=hub.clock.now())
+            )
+        raise
+    with hub.tx() as conn:
+        realized, exited = apply_members(conn, audience, found, now=now, run_id=run_id)
+        conn.execute(
+            update(audience_runs)
+            .where(audience_runs.c.id == run_id)
+            .values(
+                status="done",
+                members=len(found),
+                realized=realized,
+                exited=exited,
+                finished_at=hub.clock.now(),
+            )
+        )
+        conn.execute(update(audiences).where(audiences.c.id == audience.id).values(last_run_at=now))
+    return {
+        "run_id": run_id,
+        "audience": name,
+        "as_of": now.isoformat(),
+        "members": len(found),
+        "realized": realized,
+        "exited": exited,
+        "trigger": trigger,
+    }
+
+
+def run_due(hub: Hub, *, now: datetime) -> list[dict[str, Any]]:
+    """Run every scheduled audience whose cron time has come since its last run (once each,
+    however many times were missed)."""
+    with hub.engine.connect() as conn:
+        rows = list(conn.execute(select(audiences).where(audiences.c.schedule.is_not(None))))
+    done = []
+    for row in rows:
+        since = row.last_run_at or row.created_at
+        if croniter(row.schedule, since).get_next(datetime) <= now:
+            done.append(run_audience(hub, row.workspace_id, row.name, now=now, trigger="schedule"))
+    return done
+
+
+def members_of(
+    conn: Connection,
+    workspace_id: str,
+    name: str,
+    *,
+    status: str = "realized",
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """The stored members of an audience (``status``: realized, exited or all)."""
+    if status not in ("realized", "exited", "all"):
+        raise InvalidInput([Issue("status", "must be realized, exited or all")])
+    audience = get_audience(conn, workspace_id, name)
+    query = (
+        select(audience_members)
+        .where(
+            audience_members.c.workspace_id == workspace_id,
+            audience_members.c.audience_id == audience.id,
+        )
+        .order_by(audience_members.c.profile_id)
+    )
+    if status != "all":
+        query = query.where(audience_members.c.status == status)
+    if limit is not None:
+        query = query.limit(limit)
+    return [
+        {
+            "profile_id": r.profile_id,
+            "status": r.status,
+            "realized_at": r.realized_at.isoformat(),
+            "exited_at": r.exited_at.isoformat() if r.exited_at else None,
+        }
+        for r in conn.execute(query)
+    ]
+
+
+def profile_memberships(
+    conn: Connection, workspace_id: str, profile_id: str
+) -> list[dict[str, Any]]:
+    """Every audience one profile is or was in, with its history of changes."""
+    names = {a.id: a.name for a in _stored(conn, workspace_id).values()}
+    history: dict[str, list[dict[str, Any]]] = {}
+    for r in conn.execute(
+        select(audience_changes)
+        .where(
+            audience_changes.c.workspace_id == workspace_id,
+            audience_changes.c.profile_id == profile_id,
+        )
+        .order_by(audience_changes.c.seq)
+    ):
+        history.setdefault(r.audience_id, []).append({"change": r.change, "at": r.at.isoformat()})
+    out = []
+    for r in conn.execute(
+        select(audience_members).where(
+            audience_members.c.workspace_id == workspace_id,
+            audience_members.c.profile_id == profile_id,
+        )
+    ):
+        out.append(
+            {
+                "audience": names.get(r.audience_id, r.audience_id),
+                "status": r.status,
+                "realized_at": r.realized_at.isoformat(),
+                "exited_at": r.exited_at.isoformat() if r.exited_at else None,
+                "history": history.get(r.audience_id, []),
+            }
+        )
+    return sorted(out, key=lambda m: m["audience"])

@@ -1,0 +1,226 @@
+"""Stored audiences on both backends: saving, batch runs and their changes, authoring helpers."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from waymark.access import service as access
+from waymark.core.errors import Conflict, InvalidInput, NotFound
+from waymark.hub import Hub
+from waymark.ingestion.pipeline import Ingestor
+from waymark.model.events import Identity
+from waymark.privacy import delete_person
+from waymark.profiles.schema_store import save_schema
+from waymark.segmentation import service as segments
+from waymark.storage.tables import audience_changes, audience_members
+from waymark.workers import flush_once, run_due_audiences
+
+SCHEMA = json.loads(
+    (Path(__file__).parents[2] / "src/waymark/demo/schema.json").read_text(encoding="utf-8")
+)
+
+
+def _ts(hub: Hub, days: float) -> str:
+    return (hub.clock.now() - timedelta(days=days)).isoformat()
+
+
+def _setup(hub: Hub) -> str:
+    now = hub.clock.now()
+    with hub.tx() as conn:
+        ws, _w, _a = access.create_workspace(conn, name="shop", actor="t", at=now)
+        save_schema(conn, workspace_id=ws.id, document=SCHEMA, actor="t", at=now)
+    batch: list[dict[str, Any]] = []
+    people = {
+        "ann": ("DE", [1, 2, 3, 40], "ann@example.com"),
+        "bob": ("DE", [5], "bob@example.com"),
+        "cy": ("FR", [1, 2, 3], "cy@shop.example"),
+        "dee": ("DE", [], "dee@example.com"),
+    }
+    for user, (country, days, email) in people.items():
+        batch.append(
+            {
+                "type": "identify",
+                "userId": user,
+                "messageId": f"id-{user}",
+                "timestamp": _ts(hub, 60),
+                "traits": {"country": country, "email": email, "lifetime_value": 10.0 * len(days)},
+            }
+        )
+        for i, d in enumerate(days):
+            batch.append(
+                {
+                    "type": "track",
+                    "userId": user,
+                    "event": "purchase",
+                    "messageId": f"p-{user}-{i}",
+                    "timestamp": _ts(hub, d),
+                    "properties": {
+                        "order_id": f"o-{user}-{i}",
+                        "revenue": 50.0,
+                        "category": "shoes",
+                    },
+                }
+            )
+    result = Ingestor(hub).segment(ws.id, "batch", {"batch": batch})
+    assert not result.rejected, result.to_json()
+    flush_once(hub)
+    return ws.id
+
+
+def _save(hub: Hub, ws: str, name: str, definition: object, **kw: Any) -> segments.Audience:
+    with hub.tx() as conn:
+        return segments.save_audience(
+            conn, ws, name=name, definition=definition, actor="t", now=hub.clock.now(), **kw
+        )
+
+
+def _members(hub: Hub, ws: str, name: str) -> set[str]:
+    with hub.engine.connect() as conn:
+        return {m["profile_id"] for m in segments.members_of(conn, ws, name)}
+
+
+def _profile(hub: Hub, ws: str, user: str) -> str:
+    from waymark.profiles import service as profiles
+
+    with hub.engine.connect() as conn:
+        return profiles.find_profile_id(conn, ws, Identity("user_id", user))
+
+
+def test_batch_runs_store_only_the_changes(hub: Hub) -> None:
+    ws = _setup(hub)
+    ann, bob, cy = (_profile(hub, ws, u) for u in ("ann", "bob", "cy"))
+    _save(hub, ws, "buyers", 'country = "DE" and count(purchase within last 30 days) >= 3')
+    first = segments.run_audience(hub, ws, "buyers", now=hub.clock.now())
+    assert (first["members"], first["realized"], first["exited"]) == (1, 1, 0)
+    assert _members(hub, ws, "buyers") == {ann}
+
+    # a week later ann's oldest purchase (3 days ago) is still inside; at 28 days it is not
+    later = hub.clock.now() + timedelta(days=28)
+    second = segments.run_audience(hub, ws, "buyers", now=later)
+    assert (second["members"], second["realized"], second["exited"]) == (0, 0, 1)
+    assert _members(hub, ws, "buyers") == set()
+    again = segments.run_audience(hub, ws, "buyers", now=later)
+    assert (again["realized"], again["exited"]) == (0, 0)  # nothing changed: nothing written
+
+    with hub.engine.connect() as conn:
+        changes = [
+            (r.profile_id, r.change)
+            for r in conn.execute(select(audience_changes).order_by(audience_changes.c.seq))
+        ]
+        history = segments.profile_memberships(conn, ws, ann)
+    assert changes == [(ann, "realized"), (ann, "exited")]
+    assert history[0]["audience"] == "buyers" and history[0]["status"] == "exited"
+    assert [h["change"] for h in history[0]["history"]] == ["realized", "exited"]
+    assert bob not in _members(hub, ws, "buyers") and cy not in _members(hub, ws, "buyers")
+
+
+def test_definitions_are_checked_and_references_resolved(hub: Hub) -> None:
+    ws = _setup(hub)
+    with pytest.raises(InvalidInput, match="contry"):
+        _save(hub, ws, "bad", 'contry = "DE"')
+    with pytest.raises(InvalidInput, match="vip"):
+        _save(hub, ws, "needs-vip", 'in audience "vip"')
+    _save(hub, ws, "german", 'country = "DE"')
+    _save(
+        hub,
+        ws,
+        "german buyers",
+        {
+            "kind": "and",
+            "items": [
+                {"kind": "in_audience", "audience": "german"},
+                {"kind": "occurs", "event": {"name": "purchase"}},
+            ],
+        },
+    )
+    run = segments.run_audience(hub, ws, "german buyers", now=hub.clock.now())
+    assert _members(hub, ws, "german buyers") == {
+        _profile(hub, ws, "ann"),
+        _profile(hub, ws, "bob"),
+    }
+    assert run["members"] == 2
+    # a cycle through a stored audience is refused, and so is deleting a used audience
+    with pytest.raises(InvalidInput, match=r"cycle|itself"):
+        _save(hub, ws, "german", 'in audience "german buyers"')
+    with pytest.raises(Conflict, match="german buyers"), hub.tx() as conn:
+        segments.delete_audience(conn, ws, "german", actor="t", now=hub.clock.now())
+    with hub.tx() as conn:
+        segments.delete_audience(conn, ws, "german buyers", actor="t", now=hub.clock.now())
+        segments.delete_audience(conn, ws, "german", actor="t", now=hub.clock.now())
+    with hub.engine.connect() as conn, pytest.raises(NotFound):
+        segments.get_audience(conn, ws, "german")
+    with hub.engine.connect() as conn:
+        assert conn.execute(select(audience_members)).first() is None
+
+
+def test_estimate_explain_overlap(hub: Hub) -> None:
+    ws = _setup(hub)
+    german = _save(hub, ws, "german", 'country = "DE"')
+    buyer = _save(hub, ws, "buyer", "purchase within last 30 days")
+    exact = segments.estimate(hub, ws, german.definition, now=hub.clock.now(), percent=100)
+    assert (exact["estimate"], exact["low"], exact["high"]) == (3, 3, 3)
+    rough = segments.estimate(hub, ws, german.definition, now=hub.clock.now(), percent=50)
+    assert rough["low"] <= rough["estimate"] <= rough["high"]
+    assert rough["sample_members"] <= 3
+    both = segments.overlap(hub, ws, german.definition, buyer.definition, now=hub.clock.now())
+    assert both == {"first": 3, "second": 3, "both": 2, "only_first": 1, "only_second": 1}
+    with hub.engine.connect() as conn:
+        plan = segments.explain(conn, ws, german.definition, now=hub.clock.now())
+        with pytest.raises(InvalidInput, match="dialect"):
+            segments.explain(conn, ws, german.definition, now=hub.clock.now(), dialects=["oracle"])
+    assert plan["mode"] == "batch" and plan["text"] == 'country = "DE"'
+    assert set(plan["sql"]) == {
+        "duckdb",
+        "postgres",
+        "spark",
+        "trino",
+        "clickhouse",
+        "snowflake",
+        "bigquery",
+    }
+
+
+def test_scheduled_audiences_run_when_due(hub: Hub, clock: Any) -> None:
+    ws = _setup(hub)
+    _save(hub, ws, "daily", 'country = "FR"', schedule="0 6 * * *")
+    _save(hub, ws, "manual", 'country = "FR"')
+    with pytest.raises(InvalidInput, match="cron"):
+        _save(hub, ws, "broken", 'country = "FR"', schedule="every day")
+    assert run_due_audiences(hub) == 0  # saved just now: the next 06:00 has not come
+    clock.advance(timedelta(days=1))
+    assert run_due_audiences(hub) == 1
+    assert _members(hub, ws, "daily") == {_profile(hub, ws, "cy")}
+    assert _members(hub, ws, "manual") == set()
+    assert run_due_audiences(hub) == 0  # ran for this day already
+
+
+def test_privacy_deletion_removes_memberships(hub: Hub) -> None:
+    ws = _setup(hub)
+    ann = _profile(hub, ws, "ann")
+    _save(hub, ws, "german", 'country = "DE"')
+    segments.run_audience(hub, ws, "german", now=hub.clock.now())
+    assert ann in _members(hub, ws, "german")
+    from waymark.profiles import service as profiles
+
+    with hub.tx() as conn:
+        exported = profiles.export_person(
+            conn,
+            hub.events,
+            workspace_id=ws,
+            identity=Identity("user_id", "ann"),
+            actor="t",
+            now=hub.clock.now(),
+        )
+    assert [(m["audience"], m["status"]) for m in exported["audiences"]] == [("german", "realized")]
+    delete_person(hub, workspace_id=ws, identity=Identity("user_id", "ann"), actor="t")
+    with hub.engine.connect() as conn:
+        for table in (audience_members, audience_changes):
+            assert conn.execute(select(table).where(table.c.profile_id == ann)).first() is None
+    run = segments.run_audience(hub, ws, "german", now=hub.clock.now())
+    assert run["members"] == 2 and run["exited"] == 0
