@@ -150,10 +150,15 @@ def _check_schedule(schedule: str | None) -> None:
         )
 
 
-def _cycle(name: str, expr: ast.Expr, stored: Mapping[str, Audience]) -> None:
+def _expands(
+    conn: Connection, workspace_id: str, name: str, expr: ast.Expr, stored: Mapping[str, Audience]
+) -> None:
+    """Refuse a definition whose expansion loops back to ``name`` or, with the audiences it
+    uses written out, breaks the language's limits (so that runs cannot fail on it later)."""
     definitions = {n: a.definition for n, a in stored.items()}
     definitions[name] = expr
-    expand(ast.InAudience(name), definitions)  # raises on a cycle through ``name``
+    full = expand(ast.InAudience(name), definitions)  # raises on a cycle through ``name``
+    check(full, current_schema(conn, workspace_id).schema)
 
 
 def save_audience(
@@ -176,7 +181,7 @@ def save_audience(
     expr = read_definition(conn, workspace_id, definition, known=set(stored) | {name})
     if name in references(expr):
         raise InvalidInput([Issue("definition", f"audience {name!r} cannot contain itself")])
-    _cycle(name, expr, stored)
+    _expands(conn, workspace_id, name, expr, stored)
     values = {
         "description": description,
         "definition": to_json(expr),

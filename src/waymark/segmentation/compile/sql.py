@@ -282,7 +282,7 @@ class _Compiler:
     # -- values and tests ------------------------------------------------------------------
 
     def _fold(self, value: exp.Expr) -> exp.Expr:
-        return _fn("TRANSLATE", value, exp.Literal.string(ast.UPPER), exp.Literal.string(ast.LOWER))
+        return _fn("translate", value, exp.Literal.string(ast.UPPER), exp.Literal.string(ast.LOWER))
 
     def _span(self, value: exp.Expr, window: ast.Window) -> exp.Expr:
         span = ast.resolve(window, self.now)
