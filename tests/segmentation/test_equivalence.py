@@ -192,3 +192,36 @@ def test_known_members_on_every_engine(
 def test_a_checked_tree_is_what_check_gives(duck: DuckEngine) -> None:
     expr = parse('country = "DE"', SCHEMA)
     assert check(expr, SCHEMA) == expr
+
+
+_ZONES = ("UTC", "Pacific/Auckland", "America/Los_Angeles", "Asia/Kolkata", "Not/A_Zone")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    days=st.integers(0, 366),
+    now=st.datetimes(
+        min_value=datetime(2023, 1, 1), max_value=datetime(2029, 12, 31), timezones=st.just(UTC)
+    ),
+    births=st.lists(
+        st.tuples(
+            st.dates()
+            | st.sampled_from([datetime(2000, 2, 29).date(), datetime(1999, 12, 31).date()]),
+            st.sampled_from(_ZONES),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_anniversaries_agree_across_zones_and_leap_days(
+    duck: DuckEngine, pg: PgEngine, days: int, now: datetime, births: list[tuple[object, str, bool]]
+) -> None:
+    crowd = []
+    for i, (day, zone, as_timestamp) in enumerate(births):
+        stamp = f"{day}T00:00:00+00:00" if as_timestamp else f"{day}"
+        crowd.append(
+            Person(f"p{i}", {"birthday": str(day), "signup_at": stamp, "timezone": zone}, {}, ())
+        )
+    for text in (f"birthday in next {days} days", f"signup_at in next {days} days"):
+        _agree(duck, pg, parse(text, SCHEMA), crowd, now)

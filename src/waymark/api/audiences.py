@@ -19,6 +19,7 @@ from waymark.hub import Hub
 from waymark.profiles import service as profiles
 from waymark.segmentation import service as segments
 from waymark.segmentation.lang.ast import parse_moment
+from waymark.workers import flush_once
 
 JSONObject = dict[str, Any]
 Authorize = Callable[[Request, Scope], Principal]
@@ -180,6 +181,7 @@ def add_audience_routes(app: FastAPI, hub: Hub, principal: Authorize) -> None:
     )
     def run(request: Request, name: str, as_of: str | None = None) -> JSONObject:
         p = principal(request, Scope.WRITE)
+        flush_once(hub)  # events still waiting in the inbox count too
         return segments.run_audience(
             hub, p.workspace_id, name, now=_as_of(hub, as_of), trigger="manual", actor=p.actor
         )

@@ -1,8 +1,9 @@
 """The end-to-end demo on the embedded default: ``./dev demo`` (or ``waymark demo run``).
 
 It generates a synthetic shop, imports it, serves the API, streams live Segment-spec calls as
-a browser would, looks the shopper up, searches, and runs a privacy export and deletion. Each
-capability that lands adds its step here.
+a browser would, looks the shopper up, searches, builds audiences (validated, estimated, run
+in batch, compared) and runs a privacy export and deletion. Each capability that lands adds its
+step here.
 """
 
 from __future__ import annotations
@@ -150,6 +151,59 @@ def _live_session(now: datetime) -> dict[str, Any]:
     }
 
 
+#: The demo's audiences: one of each kind of condition the language has.
+DEMO_AUDIENCES = {
+    "recent buyers": "count(purchase within last 30 days) >= 2",
+    "big spenders": "sum(purchase.revenue within last 90 days) >= 250",
+    "window shoppers": "product_view within last 7 days and not purchase within last 7 days",
+    "abandoned carts": "cart_add within last 3 days then not purchase within 1 hour",
+    "shoe fans": 'count(purchase where category = "shoes") >= 2 or last(product_view).category '
+    '= "shoes"',
+    "german big spenders": 'country = "DE" and in audience "big spenders"',
+    "email marketable": "consent(email, marketing) = opted_in and email exists",
+    "birthday this week": "birthday in next 7 days",
+}
+
+
+def _audiences(out: Console, http: httpx.Client, auth: dict[str, str]) -> None:
+    """Validate, save, estimate and run the demo audiences through the API; show the results."""
+    bad = http.post("/v1/audiences/validate", json={"definition": 'contry = "DE"'}, headers=auth)
+    out.print(f"a typo is caught: {bad.json()['error']['errors'][0]['reason']}")
+    t = Table(title="audiences (batch runs on the DuckDB event log)")
+    for column in ("audience", "definition", "estimate (5 %)", "members", "run ms"):
+        t.add_column(column, justify="left" if column in ("audience", "definition") else "right")
+    for name, text in DEMO_AUDIENCES.items():
+        saved = http.post("/v1/audiences", json={"name": name, "definition": text}, headers=auth)
+        saved.raise_for_status()
+        guess = http.get(f"/v1/audiences/{name}/estimate", headers=auth).json()
+        started = time.monotonic()
+        run = http.post(f"/v1/audiences/{name}/runs", headers=auth).json()
+        elapsed = (time.monotonic() - started) * 1000
+        t.add_row(
+            name,
+            saved.json()["text"],
+            f"{guess['estimate']:,} ({guess['low']:,}–{guess['high']:,})",
+            f"{run['members']:,}",
+            f"{elapsed:.0f}",
+        )
+    out.print(t)
+    both = http.get("/v1/audiences/recent buyers/overlap/big spenders", headers=auth).json()
+    out.print(
+        f"recent buyers / big spenders: {both['both']:,} in both, "
+        f"{both['only_first']:,} and {both['only_second']:,} in one only"
+    )
+    sql = http.get("/v1/audiences/abandoned carts/explain?dialect=duckdb", headers=auth).json()
+    lines = sql["sql"]["duckdb"].splitlines()
+    out.print(
+        f"abandoned carts compiles to {len(lines)} lines of DuckDB SQL (also 6 other dialects)"
+    )
+    mine = http.get("/v1/profiles/email/live.shopper@example.com/audiences", headers=auth).json()
+    out.print(
+        "the live shopper is in: "
+        + (", ".join(m["audience"] for m in mine["audiences"] if m["status"] == "realized") or "-")
+    )
+
+
 def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = None) -> None:
     """Run every step of the demo in ``folder`` (its hub is recreated each run)."""
     out = console or Console()
@@ -284,7 +338,10 @@ def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = No
                 + ", ".join(p["attributes"].get("email", p["id"]) for p in found.json()["profiles"])
             )
 
-            out.rule("[bold]7. Privacy: export, then delete the shopper")
+            out.rule("[bold]7. Audiences, in batch")
+            _audiences(out, http, {"Authorization": f"Bearer {admin.secret}"})
+
+            out.rule("[bold]8. Privacy: export, then delete the shopper")
             admin_auth = {"Authorization": f"Bearer {admin.secret}"}
             person = {"namespace": "email", "value": "live.shopper@example.com"}
             exported = http.post("/v1/privacy/export", json=person, headers=admin_auth).json()
@@ -311,8 +368,8 @@ def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = No
         out.print(t)
         out.print(f"done in {time.monotonic() - started:.1f} s; data in {hub_dir}")
         out.print(
-            "[dim]Audiences, journeys, campaigns and message delivery join this demo as "
-            "their issues land.[/]"
+            "[dim]Streaming audiences, journeys, campaigns and message delivery join this "
+            "demo as their issues land.[/]"
         )
     finally:
         hub.close()

@@ -367,22 +367,29 @@ def member_ids(
 def estimate(
     hub: Hub, workspace_id: str, expr: ast.Expr, *, now: datetime, percent: int = 5
 ) -> dict[str, Any]:
-    """A size estimate from a hash sample of ``percent`` % of profiles, with a 95 % interval
-    (normal approximation of the binomial count); exact when ``percent`` is 100."""
+    """A size estimate from a hash sample of ``percent`` % of profiles, with a 95 % interval;
+    exact when ``percent`` is 100.
+
+    Each member is in the sample with probability p, so the sampled count x is binomial in the
+    true size M; the interval is the score interval: the M with (x - Mp)² <= z²·Mp(1 - p).
+    Unlike x/p ± a normal margin it stays honest for small counts (x = 0 still bounds M).
+    """
     if not 1 <= percent <= 100:
         raise InvalidInput([Issue("percent", "must be between 1 and 100")])
-    found = len(
-        member_ids(
-            hub, workspace_id, expr, now=now, sample_percent=percent if percent < 100 else None
-        )
-    )
+    sample = percent if percent < 100 else None
+    found = len(member_ids(hub, workspace_id, expr, now=now, sample_percent=sample))
     p = percent / 100
-    value = found / p
-    margin = 1.96 * math.sqrt(found * (1 - p)) / p if percent < 100 else 0.0
+    if percent == 100:
+        low, high = float(found), float(found)
+    else:
+        z2 = 1.96**2
+        b = 2 * found * p + z2 * p * (1 - p)
+        root = math.sqrt(b * b - 4 * p * p * found * found)
+        low, high = (b - root) / (2 * p * p), (b + root) / (2 * p * p)
     return {
-        "estimate": round(value),
-        "low": max(0, math.floor(value - margin)),
-        "high": math.ceil(value + margin),
+        "estimate": round(found / p),
+        "low": max(0, math.floor(low)),
+        "high": math.ceil(high),
         "sampled_percent": percent,
         "sample_members": found,
         "as_of": now.isoformat(),

@@ -259,6 +259,7 @@ class _Parts:
     cte_keys: dict[object, str] = field(default_factory=dict)
     consents: dict[tuple[str, str], str] = field(default_factory=dict)
     zone_in_events: bool = False
+    zones: bool = False
 
 
 class _Compiler:
@@ -301,26 +302,38 @@ class _Compiler:
         return _lit(converted)
 
     def _zone(self, tz: exp.Expr) -> exp.Expr:
-        """The profile's zone if the engine knows it, else UTC (as in memory)."""
+        """The profile's zone if the engine knows it, else UTC (as in memory). The engine's
+        zone names are read once per query, into the ``zones`` CTE."""
         utc = exp.Literal.string("UTC")
-        if self.dialect == "duckdb":
-            names: exp.Expr = exp.select("name").from_(_fn("pg_timezone_names"))
-        elif self.dialect == "postgres":
-            names = exp.select("name").from_("pg_timezone_names")
-        else:
+        if self.dialect not in EXECUTED_DIALECTS:
             return exp.func("COALESCE", tz.copy(), utc)
-        known = exp.In(this=tz.copy(), query=exp.Subquery(this=names))
+        self.parts.zones = True
+        known = exp.In(this=tz.copy(), query=exp.Subquery(this=exp.select("name").from_("zones")))
         return exp.Case(ifs=[exp.If(this=known, true=tz.copy())], default=utc)
 
+    def _fenced(self, query: exp.Select) -> exp.Select:
+        """``query`` kept as its own step: PostgreSQL would otherwise pull a subquery up into
+        its parent, writing each of its expressions out again wherever a column is used."""
+        return query.offset(0) if self.dialect == "postgres" else query
+
     def _date_of_text(self, value: exp.Expr) -> exp.Expr:
-        """A string's leading ``YYYY-MM-DD`` as a DATE, NULL if it is not a real day (checked
-        by arithmetic before building it: PostgreSQL's casts cannot fail softly)."""
+        """A string's leading ``YYYY-MM-DD`` as a DATE, NULL if it is not a real day.
+
+        Checked by pattern and arithmetic before the date is built (PostgreSQL's casts cannot
+        fail softly), in layers of a scalar subquery so that each part is written once.
+        """
+        s, y, m, d = (exp.column(n) for n in ("s", "y", "m", "d"))
+        form = exp.RegexpLike(this=s.copy(), expression=exp.Literal.string(ast.STORED_DATE))
 
         def number(start: int, length: int) -> exp.Expr:
-            piece = exp.Substring(this=value.copy(), start=_int(start), length=_int(length))
-            return exp.cast(piece, "INT")
+            piece = exp.Substring(this=s.copy(), start=_int(start), length=_int(length))
+            return exp.Case(ifs=[exp.If(this=form.copy(), true=exp.cast(piece, "INT"))])
 
-        y, m, d = number(1, 4), number(6, 2), number(9, 2)
+        parts = exp.select(
+            exp.alias_(number(1, 4), "y"),
+            exp.alias_(number(6, 2), "m"),
+            exp.alias_(number(9, 2), "d"),
+        ).from_(self._fenced(exp.select(exp.alias_(value, "s"))).subquery("txt"))
         days_in_month = exp.Case(
             ifs=[
                 exp.If(
@@ -334,62 +347,75 @@ class _Compiler:
             ],
             default=_int(31),
         )
-        real_day = exp.Case(
-            ifs=[
-                exp.If(
-                    this=exp.Between(this=d.copy(), low=_int(1), high=days_in_month),
-                    true=_make_date(self.dialect, y.copy(), m.copy(), d.copy()),
-                )
-            ]
+        real = exp.and_(
+            exp.GTE(this=y.copy(), expression=_int(1)),
+            exp.Between(this=m.copy(), low=_int(1), high=_int(12)),
         )
-        month_ok = exp.Case(
+        # nested CASEs: the day is compared with its month's length only for a real month
+        built = exp.Case(
             ifs=[
                 exp.If(
-                    this=exp.and_(
-                        exp.GTE(this=y.copy(), expression=_int(1)),
-                        exp.Between(this=m.copy(), low=_int(1), high=_int(12)),
+                    this=real,
+                    true=exp.Case(
+                        ifs=[
+                            exp.If(
+                                this=exp.Between(this=d.copy(), low=_int(1), high=days_in_month),
+                                true=_make_date(self.dialect, y.copy(), m.copy(), d.copy()),
+                            )
+                        ]
                     ),
-                    true=real_day,
                 )
             ]
         )
-        form = exp.RegexpLike(this=value.copy(), expression=exp.Literal.string(ast.STORED_DATE))
-        return exp.Case(ifs=[exp.If(this=form, true=month_ok)])
+        return exp.Subquery(this=exp.select(built).from_(parts.subquery("ymd")))
 
     def _anniversary(self, value: exp.Expr, kind: FieldType, days: int, tz: exp.Expr) -> exp.Expr:
+        """Whether the date of ``value`` has its anniversary today or in the next ``days``
+        days in the zone ``tz``: one scalar subquery, each step a layer (written once)."""
         if kind is FieldType.TIMESTAMP:
             day: exp.Expr = exp.cast(
                 exp.AtTimeZone(this=value, zone=exp.Literal.string("UTC")), "DATE"
             )
         else:
             day = self._date_of_text(value)
-        zone = self._zone(tz)
-        today = exp.cast(exp.AtTimeZone(this=_moment(self.now), zone=zone), "DATE")
+        today = exp.cast(exp.AtTimeZone(this=_moment(self.now), zone=self._zone(tz)), "DATE")
+        b, t, y, m, d, c0, c1 = (exp.column(n) for n in ("b", "t", "y", "m", "d", "c0", "c1"))
 
         def part(unit: str, of: exp.Expr) -> exp.Expr:
             return exp.cast(exp.Extract(this=exp.var(unit), expression=of.copy()), "INT")
 
-        month, dom, year = part("MONTH", day), part("DAY", day), part("YEAR", today)
-
-        def on_year(y: exp.Expr) -> exp.Expr:
+        def on_year(year: exp.Expr) -> exp.Expr:
             feb29 = exp.and_(
-                exp.EQ(this=month.copy(), expression=_int(2)),
-                exp.EQ(this=dom.copy(), expression=_int(29)),
-                exp.Not(this=_is_leap(y)),
+                exp.EQ(this=m.copy(), expression=_int(2)),
+                exp.EQ(this=d.copy(), expression=_int(29)),
+                exp.Not(this=_is_leap(year)),
             )
-            d = exp.Case(ifs=[exp.If(this=feb29, true=_int(28))], default=dom.copy())
-            return _make_date(self.dialect, y.copy(), month.copy(), d)
+            dom = exp.Case(ifs=[exp.If(this=feb29, true=_int(28))], default=d.copy())
+            return _make_date(self.dialect, year.copy(), m.copy(), dom)
 
-        this_year = on_year(year)
-        next_year = on_year(exp.Add(this=year.copy(), expression=_int(1)))
-        candidate = exp.Case(
-            ifs=[
-                exp.If(this=exp.GTE(this=this_year.copy(), expression=today.copy()), true=this_year)
-            ],
-            default=next_year,
+        inputs = exp.select(exp.alias_(day, "b"), exp.alias_(today, "t"))
+        split = exp.select(
+            "t",
+            exp.alias_(part("YEAR", t), "y"),
+            exp.alias_(part("MONTH", b), "m"),
+            exp.alias_(part("DAY", b), "d"),
+        ).from_(self._fenced(inputs).subquery("dates"))
+        candidates = exp.select(
+            "t",
+            exp.alias_(on_year(y), "c0"),
+            exp.alias_(on_year(exp.Add(this=y.copy(), expression=_int(1))), "c1"),
+        ).from_(
+            split.where(exp.Not(this=exp.Is(this=b.copy(), expression=exp.null()))).subquery(
+                "parts"
+            )
         )
-        last_day = exp.DateAdd(this=today.copy(), expression=_int(days), unit=exp.var("DAY"))
-        return exp.LTE(this=candidate, expression=last_day)
+        upcoming = exp.Case(
+            ifs=[exp.If(this=exp.GTE(this=c0.copy(), expression=t.copy()), true=c0.copy())],
+            default=c1.copy(),
+        )
+        last_day = exp.DateAdd(this=t.copy(), expression=_int(days), unit=exp.var("DAY"))
+        verdict = exp.LTE(this=upcoming, expression=last_day)
+        return exp.Subquery(this=exp.select(verdict).from_(candidates.subquery("next")))
 
     def _test(
         self,
@@ -489,6 +515,10 @@ class _Compiler:
         def make() -> exp.Expr:
             number = self.json.value(exp.column("properties"), node.path, FieldType.NUMBER)
             case = exp.Case(ifs=[exp.If(this=self._match(node.event), true=number)])
+            if node.fn is AggregateFn.AVG and self.dialect == "postgres":
+                # PostgreSQL's avg(float8) also sums squares, which overflow past 1e154
+                count = exp.func("NULLIF", exp.Count(this=case.copy()), _int(0))
+                return exp.Div(this=exp.Sum(this=case), expression=count)
             fn = {
                 AggregateFn.SUM: exp.Sum,
                 AggregateFn.AVG: exp.Avg,
@@ -746,6 +776,13 @@ class _Compiler:
             ctes.append(
                 ("agg", exp.select("profile_id", *columns).from_("ev").group_by("profile_id"))
             )
+        if parts.zones:
+            source: exp.Expr = (
+                _fn("pg_timezone_names")
+                if self.dialect == "duckdb"
+                else exp.to_table("pg_timezone_names")
+            )
+            ctes.insert(0, ("zones", exp.select("name").from_(source)))  # before its readers
         ctes.extend(parts.ctes)
         if parts.consents:
             pivots = []
@@ -787,7 +824,8 @@ class _Compiler:
             )
         select = select.where(exp.and_(self._workspace("p", sampled="id"), where))
         for name, cte in ctes:
-            select = select.with_(name, as_=cte)
+            # PostgreSQL inlines a CTE used once; the zone list is read once all the same
+            select = select.with_(name, as_=cte, materialized=True if name == "zones" else None)
         return select
 
 
