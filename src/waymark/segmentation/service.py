@@ -313,8 +313,9 @@ def explain(
 # -- evaluation ------------------------------------------------------------------------------
 
 
-def _snapshot(hub: Hub, workspace_id: str) -> dict[str, pa.Table]:
-    """The workspace's profiles and consents as Arrow tables, for an embedded event log."""
+def snapshot(hub: Hub, workspace_id: str) -> dict[str, pa.Table]:
+    """The workspace's profiles and consents as Arrow tables, for an embedded event log (read
+    once and pass to several :func:`member_ids` calls to evaluate them on the same state)."""
     with hub.engine.connect() as conn:
         mark = "%s" if conn.dialect.name == "postgresql" else "?"
         profiles = fetch_rows(
@@ -352,16 +353,26 @@ def _snapshot(hub: Hub, workspace_id: str) -> dict[str, pa.Table]:
 
 
 def member_ids(
-    hub: Hub, workspace_id: str, expr: ast.Expr, *, now: datetime, sample_percent: int | None = None
+    hub: Hub,
+    workspace_id: str,
+    expr: ast.Expr,
+    *,
+    now: datetime,
+    sample_percent: int | None = None,
+    tables: Mapping[str, pa.Table] | None = None,
 ) -> list[str]:
-    """The profiles matching a checked definition at ``now`` (a sample of profiles if asked)."""
+    """The profiles matching a checked definition at ``now`` (a sample of profiles if asked).
+
+    ``tables`` is a :func:`snapshot` taken earlier; without it an embedded log reads one now.
+    """
     with hub.engine.connect() as conn:
         full = expanded(conn, workspace_id, expr)
     log = hub.events
     query = compile_sql(
         full, workspace_id=workspace_id, now=now, dialect=log.dialect, sample_percent=sample_percent
     ).sql(dialect=log.dialect)
-    return [str(v) for v in log.select_column(query, lambda: _snapshot(hub, workspace_id))]
+    read = (lambda: tables) if tables is not None else (lambda: snapshot(hub, workspace_id))
+    return [str(v) for v in log.select_column(query, read)]
 
 
 def estimate(
