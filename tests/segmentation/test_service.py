@@ -226,3 +226,31 @@ def test_privacy_deletion_removes_memberships(hub: Hub) -> None:
             assert conn.execute(select(table).where(table.c.profile_id == ann)).first() is None
     run = segments.run_audience(hub, ws, "german", now=hub.clock.now())
     assert run["members"] == 2 and run["exited"] == 0
+
+
+def test_memberships_follow_a_merge(hub: Hub) -> None:
+    ws = _setup(hub)
+    ing = Ingestor(hub)
+    anon = {"type": "identify", "anonymousId": "anon-1", "traits": {"country": "DE"}}
+    assert not ing.segment(ws, "batch", {"batch": [{**anon, "messageId": "m-anon"}]}).rejected
+    flush_once(hub)
+    _save(hub, ws, "german", 'country = "DE"')
+    first = segments.run_audience(hub, ws, "german", now=hub.clock.now())
+    assert first["members"] == 4  # ann, bob, dee and the anonymous visitor
+    link = {"type": "identify", "userId": "dee", "anonymousId": "anon-1", "messageId": "m-link"}
+    assert not ing.segment(ws, "batch", {"batch": [link]}).rejected
+    flush_once(hub)
+    dee = _profile(hub, ws, "dee")
+    with hub.engine.connect() as conn:
+        rows = conn.execute(select(audience_members.c.profile_id)).scalars().all()
+        history = (
+            conn.execute(
+                select(audience_changes.c.profile_id).where(audience_changes.c.profile_id == dee)
+            )
+            .scalars()
+            .all()
+        )
+    assert len(rows) == 3 and dee in rows  # one membership per person, on the survivor
+    assert len(history) >= 1
+    second = segments.run_audience(hub, ws, "german", now=hub.clock.now())
+    assert (second["members"], second["realized"], second["exited"]) == (3, 0, 0)

@@ -37,6 +37,8 @@ from waymark.model.events import ConsentStatus, ConsentUpdate, Identity
 from waymark.storage import hotpath
 from waymark.storage.eventlog import events_table
 from waymark.storage.tables import (
+    audience_changes,
+    audience_members,
     consents,
     event_inbox,
     identities,
@@ -330,6 +332,7 @@ class ProfileWriter:
         # merges of stored profiles: consents, waiting events, the log, then the rows
         for absorbed, survivor in sorted(absorbed_stored.items()):
             self._move_consents(absorbed, survivor)
+            self._move_memberships(absorbed, survivor)
             conn.execute(
                 update(event_inbox)
                 .where(event_inbox.c.workspace_id == ws, event_inbox.c.profile_id == absorbed)
@@ -364,6 +367,28 @@ class ProfileWriter:
         for absorbed in absorbed_stored:
             self.stored.discard(absorbed)
         return self.stats
+
+    def _move_memberships(self, absorbed: str, survivor: str) -> None:
+        """Audience memberships and their history follow the survivor. Where both profiles
+        had a membership of the same audience, the survivor's stays; the next evaluation of
+        the merged profile decides whether it is in."""
+        ws, members, changes = self.workspace_id, audience_members, audience_changes
+        theirs = select(members.c.audience_id).where(
+            members.c.workspace_id == ws, members.c.profile_id == survivor
+        )
+        self.conn.execute(
+            delete(members).where(
+                members.c.workspace_id == ws,
+                members.c.profile_id == absorbed,
+                members.c.audience_id.in_(theirs.scalar_subquery()),
+            )
+        )
+        for table in (members, changes):
+            self.conn.execute(
+                update(table)
+                .where(table.c.workspace_id == ws, table.c.profile_id == absorbed)
+                .values(profile_id=survivor)
+            )
 
     def _move_consents(self, absorbed: str, survivor: str) -> None:
         rows = self.conn.execute(
