@@ -116,12 +116,22 @@ class _Index:
     """The visible events of one name, ordered by (timestamp, seq), with their timestamps and
     (built on first use) their keys."""
 
-    __slots__ = ("_keys", "events", "stamps")
+    __slots__ = ("_keys", "_numbers", "events", "stamps")
 
     def __init__(self, events: list[MemoryEvent]) -> None:
         self.events = sorted(events, key=_KEY)
         self.stamps = [event.timestamp for event in self.events]
         self._keys: list[Key] | None = None
+        self._numbers: dict[str, list[float | None]] = {}
+
+    def numbers(self, path: str, get: Callable[[Mapping[str, Any]], Any]) -> list[float | None]:
+        """One property of every event read as a number (None where it is not one), aligned
+        with ``events``: read once per profile, however many audiences aggregate it."""
+        column = self._numbers.get(path)
+        if column is None:
+            column = [read_number(get(event.properties)) for event in self.events]
+            self._numbers[path] = column
+        return column
 
     @property
     def keys(self) -> list[Key]:
@@ -526,8 +536,18 @@ def _aggregate(node: Aggregate) -> _Run:
     target = float(node.value)
     fn = node.fn
 
+    plain = node.event.where is None
+    name, window, path = node.event.name, node.event.window, node.path
+
     def aggregate(p: PreparedProfile) -> bool:
-        numbers = [n for n in (read_number(get(e.properties)) for e in select(p)) if n is not None]
+        if plain:  # a slice of the profile's cached column of this property
+            index = p.index(name)
+            column = index.numbers(path, get)
+            lo, hi = (0, len(column)) if window is None else index.bounds(window, p.now)
+            numbers = [n for n in column[lo:hi] if n is not None]
+        else:
+            found = (read_number(get(e.properties)) for e in select(p))
+            numbers = [n for n in found if n is not None]
         if fn is AggregateFn.SUM:
             # fsum: exactly rounded, so the result does not depend on the order of the events.
             return op(math.fsum(numbers), target)
@@ -563,12 +583,26 @@ def _pick(node: Pick) -> _Run:
             return get(event.properties)
 
     position = 0 if node.which is Which.FIRST else -1
+    ref = node.event
+    if ref.where is None:
 
-    def pick(p: PreparedProfile) -> bool:
-        events = select(p)
-        return bool(events) and test(value_of(events[position]), p)
+        def pick(p: PreparedProfile) -> bool:
+            events = select(p)
+            return bool(events) and test(value_of(events[position]), p)
 
-    return pick
+        return pick
+    # filtered: walk from the wanted end and stop at the first match (not the whole selection)
+    where = _where(ref.where)
+    first = node.which is Which.FIRST
+
+    def pick_filtered(p: PreparedProfile) -> bool:
+        events = p.index(ref.name).within(ref.window, p.now)
+        for event in events if first else reversed(events):
+            if where(event.properties, p):
+                return test(value_of(event), p)
+        return False
+
+    return pick_filtered
 
 
 # -- sequences ------------------------------------------------------------------------------

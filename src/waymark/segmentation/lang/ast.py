@@ -468,9 +468,14 @@ def read_moment(value: Any) -> datetime | None:
 
 def read_number(value: Any) -> float | None:
     """A JSON value as a number, or None (booleans are not numbers)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    kind = type(value)  # exact types: JSON decoders give plain int, float and bool
+    if kind is float:
+        return value  # type: ignore[no-any-return]
+    if kind is int:
+        return float(value)
+    if kind is bool or not isinstance(value, int | float):
         return None
-    return float(value)
+    return float(value)  # an int or float subclass
 
 
 def _read_string(value: Any) -> Any:
