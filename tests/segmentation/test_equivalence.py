@@ -109,13 +109,16 @@ def test_random_definitions_agree_on_duckdb_postgres_and_in_memory(
     _agree(duck, pg, expr, crowd, now)
 
 
+_CONSENTS = {"d-in": {("email", "marketing"): "opted_in"}, "b": {("email", "marketing"): "unknown"}}
+
+
 def _person(
     pid: str, attributes: dict[str, object], *events: tuple[str, datetime, dict[str, object]]
 ) -> Person:
     return Person(
         pid,
         attributes,
-        {("email", "marketing"): "opted_in"} if pid.endswith("in") else {},
+        _CONSENTS.get(pid, {}),
         tuple(Event(name, ts, i, props) for i, (name, ts, props) in enumerate(events, start=1)),
     )
 
@@ -140,6 +143,8 @@ DAY = timedelta(days=1)
         ('email ends with "@EXAMPLE.com"', {"a", "b"}),
         ('country in ("DE", "AT") and not (plan = "free")', {"a", "c"}),
         ("consent(email, marketing) = opted_in", {"d-in"}),
+        ("consent(email, marketing) = unknown", {"a", "b", "c"}),  # b's record says unknown
+        ("consent(email, marketing) != opted_out", {"a", "b", "c", "d-in"}),
         ("birthday in next 7 days", {"d-in"}),
         ("signup_at within last 30 days", {"b"}),
     ],

@@ -13,7 +13,7 @@ The query reads three relations with the state store's and event log's column na
 Shape: a CTE of the visible events that any condition reads; one aggregate row per profile for
 every count, sum, average, minimum, maximum and occurrence (a ``CASE`` per condition, so one scan
 serves them all); a CTE per sequence (self-joins in time order) and per first/last pick (row
-numbers); consents pivoted per profile; and a final ``WHERE`` over ``profiles`` left-joined to
+numbers); consents as semi-joins; and a final ``WHERE`` over ``profiles`` left-joined to
 those. Every condition is made two-valued (``COALESCE(..., FALSE)``) so that ``NOT`` means what
 the language says when a value is missing.
 
@@ -44,6 +44,7 @@ from waymark.segmentation.lang.ast import (
     Compare,
     CompareOp,
     Consent,
+    ConsentStatus,
     Count,
     EventRef,
     Exists,
@@ -257,9 +258,10 @@ class _Parts:
     aggregates: dict[object, tuple[str, exp.Expr]] = field(default_factory=dict)
     ctes: list[tuple[str, exp.Select]] = field(default_factory=list)
     cte_keys: dict[object, str] = field(default_factory=dict)
-    consents: dict[tuple[str, str], str] = field(default_factory=dict)
     zone_in_events: bool = False
     zones: bool = False
+    #: per event name, the oldest moment an event can matter from (None: any age matters)
+    floors: dict[str, datetime | None] = field(default_factory=dict)
 
 
 class _Compiler:
@@ -483,9 +485,21 @@ class _Compiler:
             node.test, value, kind, present=lambda: self.json.present(props, node.path), tz=zone
         )
 
-    def _match(self, ref: EventRef, alias: str | None = None) -> exp.Expr:
-        """Whether an event row (of ``alias``, or unqualified) matches ``ref``."""
+    def _floor(self, name: str, floor: datetime | None) -> None:
+        """Note that events of ``name`` older than ``floor`` cannot matter (None: any may)."""
+        if name in self.parts.floors:
+            known = self.parts.floors[name]
+            floor = None if known is None or floor is None else min(known, floor)
+        self.parts.floors[name] = floor
+
+    def _match(
+        self, ref: EventRef, alias: str | None = None, *, after: datetime | None = None
+    ) -> exp.Expr:
+        """Whether an event row (of ``alias``, or unqualified) matches ``ref``; ``after`` is a
+        moment every matching event is known to follow (a later step of a sequence follows
+        its first step)."""
         self.parts.event_names.add(ref.name)
+        self._floor(ref.name, ast.resolve(ref.window, self.now).lo if ref.window else after)
         col = (lambda c: exp.column(c, alias)) if alias else exp.column
         parts: list[exp.Expr] = [exp.EQ(this=col("name"), expression=exp.Literal.string(ref.name))]
         if ref.window is not None:
@@ -606,6 +620,9 @@ class _Compiler:
         seconds = int(node.within.delta.total_seconds())
         positive = node.steps[:-1] if node.absent_last else node.steps
 
+        first = positive[0].window
+        after = ast.resolve(first, self.now).lo if first is not None else None
+
         def build(_name: str) -> exp.Select:
             aliases = [f"s{i}" for i in range(len(positive))]
             query = (
@@ -627,7 +644,7 @@ class _Compiler:
                     ),
                 )
                 query = query.join(exp.alias_(exp.to_table("ev"), a, table=True), on=on)
-                conditions.append(self._match(positive[i], a))
+                conditions.append(self._match(positive[i], a, after=after))
             if node.absent_last:
                 conditions.append(
                     exp.LTE(this=self._deadline(aliases[0], seconds), expression=_moment(self.now))
@@ -641,7 +658,7 @@ class _Compiler:
                                 this=exp.column("profile_id", "n"),
                                 expression=exp.column("profile_id", aliases[0]),
                             ),
-                            self._match(node.steps[-1], "n"),
+                            self._match(node.steps[-1], "n", after=after),
                             self._after("n", aliases[-1]),
                             exp.LTE(
                                 this=exp.column("ts", "n"),
@@ -655,6 +672,32 @@ class _Compiler:
 
         name = self._cte(("sequence", node), build)
         return exp.Not(this=exp.Is(this=exp.column("profile_id", name), expression=exp.null()))
+
+    def _consent(self, node: Consent) -> exp.Expr:
+        """A semi-join on the consent records: ``unknown`` is having no record stating
+        opted in or out (as in memory, where a missing record reads ``unknown``)."""
+        if node.status is ConsentStatus.UNKNOWN:
+            known = [ConsentStatus.OPTED_IN, ConsentStatus.OPTED_OUT]
+            has, negate = known, not node.negated
+        else:
+            has, negate = [node.status], node.negated
+        records = (
+            exp.select("profile_id")
+            .from_("consents")
+            .where(
+                exp.and_(
+                    self._workspace(),
+                    exp.EQ(this=exp.column("channel"), expression=exp.Literal.string(node.channel)),
+                    exp.EQ(this=exp.column("purpose"), expression=exp.Literal.string(node.purpose)),
+                    exp.In(
+                        this=exp.column("status"),
+                        expressions=[exp.Literal.string(s.value) for s in has],
+                    ),
+                )
+            )
+        )
+        inside = exp.In(this=exp.column("id", "p"), query=exp.Subquery(this=records))
+        return exp.Not(this=inside) if negate else inside
 
     # -- conditions ----------------------------------------------------------------------------
 
@@ -693,16 +736,37 @@ class _Compiler:
         if isinstance(node, Sequence):
             return self._sequence(node)
         if isinstance(node, Consent):
-            key = (node.channel, node.purpose)
-            column = self.parts.consents.setdefault(key, f"k{len(self.parts.consents)}")
-            status = exp.func("COALESCE", exp.column(column, "cons"), exp.Literal.string("unknown"))
-            cls = exp.NEQ if node.negated else exp.EQ
-            return cls(this=status, expression=exp.Literal.string(node.status.value))
+            return self._consent(node)
         if isinstance(node, InAudience):
             raise ValueError(f"expand audience references before compiling: {node.name!r}")
         raise TypeError(f"not a condition: {node!r}")
 
     # -- the query -------------------------------------------------------------------------------
+
+    def _floors(self) -> list[exp.Expr]:
+        """Filters of the events scan from the windows: events too old for every condition
+        that reads their name are not read (a bound the engine can check against its zone
+        maps, then one per name)."""
+        floors = self.parts.floors
+        if not floors or all(f is None for f in floors.values()):
+            return []
+        stamp = exp.column("timestamp", quoted=True)
+        found: list[exp.Expr] = []
+        if all(f is not None for f in floors.values()):
+            oldest = min(f for f in floors.values() if f is not None)
+            found.append(exp.GTE(this=stamp, expression=_moment(oldest)))
+            if len(set(floors.values())) == 1:
+                return found
+        per_name = []
+        for name, floor in sorted(floors.items()):
+            is_name = exp.EQ(this=exp.column("name"), expression=exp.Literal.string(name))
+            per_name.append(
+                is_name
+                if floor is None
+                else exp.and_(is_name, exp.GTE(this=stamp.copy(), expression=_moment(floor)))
+            )
+        found.append(exp.paren(exp.or_(*per_name)))
+        return found
 
     def _workspace(self, alias: str | None = None, *, sampled: str | None = None) -> exp.Expr:
         """This workspace's rows (and, when sampling, only the sampled profiles: ``sampled``
@@ -767,6 +831,7 @@ class _Compiler:
                             this=exp.column("name"),
                             expressions=[exp.Literal.string(n) for n in sorted(parts.event_names)],
                         ),
+                        *self._floors(),
                     )
                 )
             )
@@ -784,28 +849,6 @@ class _Compiler:
             )
             ctes.insert(0, ("zones", exp.select("name").from_(source)))  # before its readers
         ctes.extend(parts.ctes)
-        if parts.consents:
-            pivots = []
-            for (channel, purpose), name in parts.consents.items():
-                hit = exp.and_(
-                    exp.EQ(this=exp.column("channel"), expression=exp.Literal.string(channel)),
-                    exp.EQ(this=exp.column("purpose"), expression=exp.Literal.string(purpose)),
-                )
-                pivots.append(
-                    exp.alias_(
-                        exp.Max(this=exp.Case(ifs=[exp.If(this=hit, true=exp.column("status"))])),
-                        name,
-                    )
-                )
-            ctes.append(
-                (
-                    "cons",
-                    exp.select("profile_id", *pivots)
-                    .from_("consents")
-                    .where(self._workspace())
-                    .group_by("profile_id"),
-                )
-            )
         select = exp.select(exp.alias_(exp.column("id", "p"), "profile_id")).from_(
             exp.alias_(exp.to_table("profiles"), "p", table=True)
         )
@@ -814,8 +857,6 @@ class _Compiler:
             if parts.aggregates
             else [n for n, _ in parts.ctes]
         )
-        if parts.consents:
-            joined.append("cons")
         for name in joined:
             select = select.join(
                 name,

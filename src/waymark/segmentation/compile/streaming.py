@@ -989,6 +989,9 @@ class _SequenceNode(_EventNode):
         self.steps = tuple(_matcher(step) for step in node.steps)
         self.within = _span(node.within)
         self.absent = node.absent_last
+        #: Positive with a fixed first-step window: a chain, once it counts, counts forever,
+        #: so the earliest instant one counts (``e``) is the whole answer.
+        self.monotone = not self.absent and self.bounds.lo_off is None
 
     def new(self) -> dict[str, Any]:
         return {"b": [], "e": None, "x": None, "z": False, "d": False, "u": None}
@@ -1037,7 +1040,7 @@ class _SequenceNode(_EventNode):
                     return None
                 previous = keys[latest - 1]
                 break
-            following = bisect_right(keys, previous)
+            following = bisect_left(keys, previous)
             if following == len(keys) or keys[following][0] > deadline:
                 return None
             previous = keys[following]
@@ -1084,24 +1087,41 @@ class _SequenceNode(_EventNode):
             kept = kept[bounds.gone_count(kept, w) :]
         elif lost is not None and x <= lost + self.within:
             poisoned = True  # it may form or break a chain with dropped events
+        if self.monotone:
+            # Every chain is found when its last event arrives: it starts at most D before it.
+            held = _earliest(held, self._completed_through(kept, x))
+            if held is not None and held <= w:  # a chain that has held holds forever
+                return {"b": [], "e": None, "x": None, "z": False, "d": True, "u": None}
         excess = len(kept) - self.cap
         if excess > 0:
             newest = _stamp(kept[excess - 1])
             if bounds.lo_off is not None:
                 unknown = _widen(unknown, None, newest - bounds.lo_off)
             else:
-                table = self._table(kept)
-                for item in kept[:excess]:
-                    active = self._active(table, _key(item)) if item[2] & 1 else None
-                    if active is not None:
-                        held = _earliest(held, active[0])
+                if self.absent:  # summarise the dropped starts that hold
+                    table = self._table(kept)
+                    for item in kept[:excess]:
+                        active = self._active(table, _key(item)) if item[2] & 1 else None
+                        if active is not None:
+                            held = _earliest(held, active[0])
                 lost = newest if lost is None else max(lost, newest)
             kept = kept[excess:]
-        if bounds.lo_off is None and not self.absent:
-            first = _earliest(held, *(begins for begins, _ in self._spans(kept)))
-            if first is not None and first <= w:  # a chain that has held holds forever
-                return {"b": [], "e": None, "x": None, "z": False, "d": True, "u": None}
         return {"b": kept, "e": held, "x": lost, "z": poisoned, "d": False, "u": unknown}
+
+    def _completed_through(self, kept: list[_Item], x: int) -> int | None:
+        """The earliest instant at which a chain starting no more than D before ``x`` (so
+        possibly through the event at ``x``) counts."""
+        low = bisect_left(kept, x - self.within, key=_stamp)
+        high = bisect_right(kept, x + self.within, key=_stamp)
+        table = self._table(kept[low:high])
+        first: int | None = None
+        for start in table[0][0]:
+            if start[0] > x:
+                break
+            active = self._active(table, start)
+            if active is not None:
+                first = _earliest(first, active[0])
+        return first
 
     def value(self, slots: list[Any], ctx: _Context) -> bool | None:
         slot = slots[self.index]
@@ -1111,7 +1131,7 @@ class _SequenceNode(_EventNode):
         if _unknown_at(slot["u"], t):
             return None
         held = slot["e"] is not None and slot["e"] <= t
-        if not held:
+        if not held and not self.monotone:
             held = any(
                 begins <= t and (until is None or t < until)
                 for begins, until in self._spans(slot["b"])
@@ -1125,8 +1145,9 @@ class _SequenceNode(_EventNode):
         if slot["d"]:
             return None
         candidates: list[int | None] = [slot["e"], *_unknown_edges(slot["u"])]
-        for begins, until in self._spans(slot["b"]):
-            candidates += [begins, until]
+        if not self.monotone:
+            for begins, until in self._spans(slot["b"]):
+                candidates += [begins, until]
         return _after(candidates, ctx.t)
 
 
