@@ -148,22 +148,30 @@ class _DuckJson(_Json):
         return _fn("json_extract_string", column.copy(), self._path(path))
 
     def value(self, column: exp.Expr, path: str, kind: FieldType) -> exp.Expr:
-        raw = _fn("json_extract", column.copy(), self._path(path))
+        return self.of_value(_fn("json_extract", column.copy(), self._path(path)), kind)
+
+    def of_value(self, raw: exp.Expr, kind: FieldType) -> exp.Expr:
+        """The typed read of a JSON value already extracted (``raw``)."""
         if kind in (FieldType.OBJECT, FieldType.ARRAY):
             return raw
+        text = _fn("json_extract_string", raw.copy(), exp.Literal.string("$"))
+        if kind is FieldType.TIMESTAMP:  # the stored form's pattern also rules out non-strings
+            return _stored_moment(text, exp.TryCast)
         type_ok = exp.In(
             this=_fn("json_type", raw.copy()),
             expressions=[exp.Literal.string(t) for t in self._TYPES[kind]],
         )
         if kind is FieldType.STRING:
-            read: exp.Expr = self.text(column, path)
-        elif kind is FieldType.TIMESTAMP:
-            read = _stored_moment(self.text(column, path), exp.TryCast)
+            read: exp.Expr = text
         elif kind is FieldType.BOOLEAN:
             read = exp.cast(raw.copy(), "BOOLEAN")
         else:
             read = exp.cast(raw.copy(), _DOUBLE)
         return exp.Case(ifs=[exp.If(this=type_ok, true=read)])
+
+    def present_of(self, raw: exp.Expr) -> exp.Expr:
+        """Whether an extracted JSON value is there (and not JSON null)."""
+        return exp.NEQ(this=_fn("json_type", raw.copy()), expression=exp.Literal.string("NULL"))
 
     def present(self, column: exp.Expr, path: str) -> exp.Expr:
         kind = _fn("json_type", _fn("json_extract", column.copy(), self._path(path)))
@@ -260,6 +268,10 @@ class _Parts:
     cte_keys: dict[object, str] = field(default_factory=dict)
     zone_in_events: bool = False
     zones: bool = False
+    #: DuckDB: the attribute paths read, and their typed reads as columns of ``pv``
+    attribute_paths: list[str] = field(default_factory=list)
+    attribute_columns: dict[tuple[str, FieldType | None], str] = field(default_factory=dict)
+    attribute_reads: list[exp.Expr] = field(default_factory=list)
     #: per event name, the oldest moment an event can matter from (None: any age matters)
     floors: dict[str, datetime | None] = field(default_factory=dict)
 
@@ -278,11 +290,35 @@ class _Compiler:
         self.dialect = dialect
         self.json = _json_for(dialect)
         self.parts = _Parts()
-        self._profile_tz: exp.Expr = self.json.value(
-            exp.column("attributes", "p"), "timezone", FieldType.STRING
-        )
 
     # -- values and tests ------------------------------------------------------------------
+
+    def _slot(self, path: str) -> exp.Expr:
+        """DuckDB: the attribute's JSON value from one parse of the document per profile
+        (a multi-path extraction in the ``pj`` CTE)."""
+        paths = self.parts.attribute_paths
+        if path not in paths:
+            paths.append(path)
+        # sqlglot's indices are 0-based; it writes DuckDB's 1-based index
+        index = exp.Literal.number(paths.index(path))
+        return exp.Bracket(this=exp.column("js"), expressions=[index])
+
+    def _attribute(self, path: str, kind: FieldType | None) -> exp.Expr:
+        """An attribute of the profile ``p`` read as ``kind`` (None: whether it is there)."""
+        if not isinstance(self.json, _DuckJson):
+            attrs = exp.column("attributes", "p")
+            if kind is None:
+                return self.json.present(attrs, path)
+            return self.json.value(attrs, path, kind)
+        key = (path, kind)
+        name = self.parts.attribute_columns.get(key)
+        if name is None:
+            raw = self._slot(path)
+            read = self.json.present_of(raw) if kind is None else self.json.of_value(raw, kind)
+            name = f"v{len(self.parts.attribute_columns)}"
+            self.parts.attribute_columns[key] = name
+            self.parts.attribute_reads.append(exp.alias_(read, name))
+        return exp.column(name, "p")
 
     def _fold(self, value: exp.Expr) -> exp.Expr:
         return _fn("translate", value, exp.Literal.string(ast.UPPER), exp.Literal.string(ast.LOWER))
@@ -465,7 +501,11 @@ class _Compiler:
         if isinstance(test, Within):
             return _two_valued(self._span(value, test.window))
         if isinstance(test, Anniversary):
-            return _two_valued(self._anniversary(value, kind, test.days, tz or self._profile_tz))
+            return _two_valued(
+                self._anniversary(
+                    value, kind, test.days, tz or self._attribute("timezone", FieldType.STRING)
+                )
+            )
         raise TypeError(f"not a test: {test!r}")
 
     # -- events ------------------------------------------------------------------------------
@@ -710,10 +750,9 @@ class _Compiler:
             return exp.Not(this=exp.paren(self.condition(node.item)))
         if isinstance(node, Attr):
             kind = _kind(node)
-            attrs = exp.column("attributes", "p")
-            value = self.json.value(attrs, node.path, kind)
+            value = self._attribute(node.path, kind)
             return self._test(
-                node.test, value, kind, present=lambda: self.json.present(attrs, node.path)
+                node.test, value, kind, present=lambda: self._attribute(node.path, None)
             )
         if isinstance(node, Occurs):
             return exp.GT(this=self._count(node.event), expression=exp.Literal.number(0))
@@ -849,8 +888,27 @@ class _Compiler:
             )
             ctes.insert(0, ("zones", exp.select("name").from_(source)))  # before its readers
         ctes.extend(parts.ctes)
+        profiles: exp.Expr = exp.to_table("profiles")
+        if parts.attribute_paths:  # DuckDB: each document parsed once, each value read once
+            paths = exp.Array(
+                expressions=[exp.Literal.string("$." + path) for path in parts.attribute_paths]
+            )
+            parsed = (
+                exp.select(
+                    "workspace_id",
+                    "id",
+                    exp.alias_(_fn("json_extract", exp.column("attributes"), paths), "js"),
+                )
+                .from_("profiles")
+                .where(self._workspace(sampled="id"))
+            )
+            ctes.append(("pj", parsed))
+            ctes.append(
+                ("pv", exp.select("workspace_id", "id", *parts.attribute_reads).from_("pj"))
+            )
+            profiles = exp.to_table("pv")
         select = exp.select(exp.alias_(exp.column("id", "p"), "profile_id")).from_(
-            exp.alias_(exp.to_table("profiles"), "p", table=True)
+            exp.alias_(profiles, "p", table=True)
         )
         joined = (
             ["agg", *(name for name, _ in parts.ctes)]

@@ -306,7 +306,7 @@ class _Bounds:
         """How many of ``items`` (ordered) are below the moving lower bound at ``t``: a prefix."""
         if self.lo_off is None:
             return 0
-        return bisect_left(items, t + self.lo_off, key=_stamp)
+        return bisect_right(items, t + self.lo_off, key=_stamp)
 
 
 def _at(bound: At) -> int:
@@ -1040,7 +1040,7 @@ class _SequenceNode(_EventNode):
                     return None
                 previous = keys[latest - 1]
                 break
-            following = bisect_left(keys, previous)
+            following = bisect_right(keys, previous)
             if following == len(keys) or keys[following][0] > deadline:
                 return None
             previous = keys[following]
