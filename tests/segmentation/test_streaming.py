@@ -5,6 +5,7 @@ bounded state, JSON round trips, the cap, what is not streamable and why)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -40,6 +41,7 @@ from waymark.segmentation.lang.ast import (
     Compare,
     CompareOp,
     Count,
+    Duration,
     EventRef,
     Expr,
     InAudience,
@@ -116,9 +118,11 @@ class Replay:
             assert turn is None or turn > t
             end = LATEST if turn is None or turn > LATEST else turn
             between = [x for x in self.checks if t < x < end]
-            between.append(end - US)
+            # just after t, the next local midnights, the day before the timer, and instants
+            # spread over every scale of the interval
+            between += [t + US, t + DAY, t + 2 * DAY, end - DAY, end - US]
             span = (end - t) // US
-            between += [t + self.rng.randrange(span) * US for _ in range(2)]
+            between += [t + int(span ** self.rng.random()) * US for _ in range(4)]
             for x in between:
                 if t <= x < end:
                     assert self.answer(x) == value, f"{x.isoformat()} before the timer {turn}"
@@ -157,11 +161,29 @@ def _memory_events(person: Person) -> list[MemoryEvent]:
     return [MemoryEvent(e.name, e.timestamp, e.seq, e.properties) for e in person.events]
 
 
+def _durations(node: object) -> set[timedelta]:
+    """Every duration in a tree (windows, relative bounds, sequence gaps)."""
+    if isinstance(node, Duration):
+        return {node.delta}
+    if isinstance(node, tuple):
+        return set().union(*(_durations(item) for item in node))
+    if dataclasses.is_dataclass(node):
+        return set().union(*(_durations(getattr(node, f.name)) for f in dataclasses.fields(node)))
+    return set()
+
+
 def _checks(expr: Expr, now: datetime, crowd: list[Person]) -> list[datetime]:
+    """Instants to ask at and to deliver events at: the window edges, the events' timestamps,
+    and each timestamp plus each duration of the tree (where events enter and leave windows
+    and sequences reach their deadlines), a microsecond either side."""
     instants = set(moments(expr, now))
+    shifts = {timedelta(0)} | _durations(expr)
     for person in crowd:
         for item in person.events:
-            instants.update({item.timestamp, item.timestamp - SECOND, item.timestamp + SECOND})
+            instants.update({item.timestamp - SECOND, item.timestamp + SECOND})
+            for shift in shifts:
+                edge = item.timestamp + shift
+                instants.update({edge - US, edge, edge + US})
     return sorted(x for x in instants if EARLIEST <= x <= LATEST)
 
 
@@ -398,6 +420,76 @@ def test_events_age_into_more_than_d_ago() -> None:
     assert memory(expr, events, turn) and not memory(expr, events, turn - US)
     later = feed(audience, [ev("purchase", T0 + 50 * DAY)], state=state)
     assert later["n"][0]["c"] == 2 and kept(later) == 0  # saturated: true for good
+
+
+def test_events_arriving_exactly_on_a_window_edge() -> None:
+    # inside "within last 30 days" up to now - 30 days included: kept at that very instant
+    audience, expr = _compile("count(purchase within last 30 days) >= 1")
+    old = ev("purchase", T0 - 30 * DAY)
+    state = feed(audience, [old], now=T0)
+    assert audience.member(state, NOBODY, T0) and memory(expr, [old], T0)
+    assert audience.next_change(state, NOBODY, T0) == T0 + US
+    assert not audience.member(state, NOBODY, T0 + US)
+    # "more than 30 days ago" is strictly before now - 30 days: not yet at that instant
+    older, older_expr = _compile("count(purchase more than 30 days ago) >= 1")
+    state = feed(older, [old], now=T0)
+    assert not older.member(state, NOBODY, T0) and not memory(older_expr, [old], T0)
+    assert older.next_change(state, NOBODY, T0) == T0 + US
+    assert older.member(state, NOBODY, T0 + US)
+    # a mean over events ageing into the window, counted as they arrive there
+    mean, mean_expr = _compile("avg(purchase.revenue more than 1 day ago) >= 2")
+    events = [ev("purchase", T0, revenue=3.0), ev("purchase", T0 + HOUR, revenue=0.0)]
+    state = feed(mean, events, now=T0 + HOUR)
+    for t in (T0 + DAY, T0 + DAY + US, T0 + DAY + HOUR, T0 + DAY + HOUR + US):
+        assert mean.member(state, NOBODY, t) == memory(mean_expr, events, t), t
+    assert mean.next_change(state, NOBODY, T0 + DAY + US) == T0 + DAY + HOUR + US
+
+
+def test_a_chain_completed_by_a_future_event_counts_from_its_timestamp() -> None:
+    audience, expr = _compile("cart_add then purchase within 1 hour")
+    events = [ev("cart_add", T0, sku="x"), ev("purchase", T0 + US, revenue=1.0)]
+    state = feed(audience, events, now=T0)  # the purchase is dated a microsecond ahead
+    assert not audience.member(state, NOBODY, T0) and not memory(expr, events, T0)
+    assert audience.next_change(state, NOBODY, T0) == T0 + US
+    assert audience.member(state, NOBODY, T0 + US)
+
+
+def test_an_absent_step_counts_up_to_the_deadline_included() -> None:
+    audience, expr = _compile("cart_add then not purchase within 1 hour")
+    cart = ev("cart_add", T0, sku="x")
+    for delay, abandoned in ((HOUR, False), (HOUR + US, True)):
+        events = [cart, ev("purchase", T0 + delay, revenue=1.0)]
+        state = feed(audience, events[::-1], now=T0 + 2 * HOUR)
+        assert audience.member(state, NOBODY, T0 + 2 * HOUR) is abandoned
+        assert memory(expr, events, T0 + 2 * HOUR) is abandoned
+
+
+def test_a_birthday_of_today_only_turns_at_the_next_local_midnight() -> None:
+    audience, expr = _compile("birthday in next 0 days")
+    view = ProfileData({"birthday": "1990-03-02", "timezone": "Asia/Kolkata"}, (), {})
+    now = datetime(2026, 3, 1, 20, 0, tzinfo=UTC)  # 2 March, 01:30 in Kolkata
+    state = audience.new_state()
+    assert audience.member(state, view, now) and memory(expr, [], now, view)
+    turn = audience.next_change(state, view, now)
+    assert turn == datetime(2026, 3, 2, 18, 30, tzinfo=UTC)  # 3 March, 00:00 in Kolkata
+    assert memory(expr, [], turn - US, view) and not memory(expr, [], turn, view)
+    assert audience.next_change(state, view, turn) == datetime(2027, 3, 1, 18, 30, tzinfo=UTC)
+
+
+def test_a_sliding_minimum_forgets_only_values_a_newer_one_beats() -> None:
+    audience, expr = _compile("min(cart_add.price within last 2 days) < 2")
+    events = [
+        ev("cart_add", T0, price=1.0),
+        ev("cart_add", T0 + DAY, price=5.0),
+        ev("cart_add", T0 + DAY + HOUR, price=1.5),
+    ]
+    state = feed(audience, events)
+    assert [item[2] for item in state["n"][0]["e"]] == [1.0, 1.5]  # 5.0 never is the minimum
+    t = T0 + DAY + HOUR
+    while t is not None and t < T0 + 5 * DAY:
+        assert audience.member(state, NOBODY, t) == memory(expr, events, t), t
+        t = audience.next_change(state, NOBODY, t)
+    assert t is None
 
 
 # -- late events, ties, exact sums ----------------------------------------------------------------

@@ -268,10 +268,8 @@ class _Parts:
     cte_keys: dict[object, str] = field(default_factory=dict)
     zone_in_events: bool = False
     zones: bool = False
-    #: DuckDB: the attribute paths read, and their typed reads as columns of ``pv``
+    #: DuckDB: the attribute paths read (one multi-path extraction per profile, in ``pj``)
     attribute_paths: list[str] = field(default_factory=list)
-    attribute_columns: dict[tuple[str, FieldType | None], str] = field(default_factory=dict)
-    attribute_reads: list[exp.Expr] = field(default_factory=list)
     #: per event name, the oldest moment an event can matter from (None: any age matters)
     floors: dict[str, datetime | None] = field(default_factory=dict)
 
@@ -301,7 +299,7 @@ class _Compiler:
             paths.append(path)
         # sqlglot's indices are 0-based; it writes DuckDB's 1-based index
         index = exp.Literal.number(paths.index(path))
-        return exp.Bracket(this=exp.column("js"), expressions=[index])
+        return exp.Bracket(this=exp.column("js", "p"), expressions=[index])
 
     def _attribute(self, path: str, kind: FieldType | None) -> exp.Expr:
         """An attribute of the profile ``p`` read as ``kind`` (None: whether it is there)."""
@@ -310,15 +308,10 @@ class _Compiler:
             if kind is None:
                 return self.json.present(attrs, path)
             return self.json.value(attrs, path, kind)
-        key = (path, kind)
-        name = self.parts.attribute_columns.get(key)
-        if name is None:
-            raw = self._slot(path)
-            read = self.json.present_of(raw) if kind is None else self.json.of_value(raw, kind)
-            name = f"v{len(self.parts.attribute_columns)}"
-            self.parts.attribute_columns[key] = name
-            self.parts.attribute_reads.append(exp.alias_(read, name))
-        return exp.column(name, "p")
+        # read where it is tested (not in a projection of every profile): a filter's later
+        # conditions are evaluated only for the rows its earlier ones kept
+        raw = self._slot(path)
+        return self.json.present_of(raw) if kind is None else self.json.of_value(raw, kind)
 
     def _fold(self, value: exp.Expr) -> exp.Expr:
         return _fn("translate", value, exp.Literal.string(ast.UPPER), exp.Literal.string(ast.LOWER))
@@ -889,7 +882,7 @@ class _Compiler:
             ctes.insert(0, ("zones", exp.select("name").from_(source)))  # before its readers
         ctes.extend(parts.ctes)
         profiles: exp.Expr = exp.to_table("profiles")
-        if parts.attribute_paths:  # DuckDB: each document parsed once, each value read once
+        if parts.attribute_paths:  # DuckDB: each profile's document parsed once
             paths = exp.Array(
                 expressions=[exp.Literal.string("$." + path) for path in parts.attribute_paths]
             )
@@ -903,10 +896,7 @@ class _Compiler:
                 .where(self._workspace(sampled="id"))
             )
             ctes.append(("pj", parsed))
-            ctes.append(
-                ("pv", exp.select("workspace_id", "id", *parts.attribute_reads).from_("pj"))
-            )
-            profiles = exp.to_table("pv")
+            profiles = exp.to_table("pj")
         select = exp.select(exp.alias_(exp.column("id", "p"), "profile_id")).from_(
             exp.alias_(profiles, "p", table=True)
         )
@@ -915,17 +905,46 @@ class _Compiler:
             if parts.aggregates
             else [n for n, _ in parts.ctes]
         )
+        inner = _needs_aggregate_row(node)
         for name in joined:
             select = select.join(
                 name,
                 on=exp.EQ(this=exp.column("profile_id", name), expression=exp.column("id", "p")),
-                join_type="LEFT",
+                # a profile without an aggregate row cannot be a member: let the engine start
+                # from the (few) aggregate rows instead of every profile
+                join_type="INNER" if name == "agg" and inner else "LEFT",
             )
         select = select.where(exp.and_(self._workspace("p", sampled="id"), where))
         for name, cte in ctes:
             # PostgreSQL inlines a CTE used once; the zone list is read once all the same
             select = select.with_(name, as_=cte, materialized=True if name == "zones" else None)
         return select
+
+
+def _needs_aggregate_row(node: Expr) -> bool:
+    """Whether ``node`` is false for every profile with no row in ``agg`` (no visible event
+    of the names it reads): then ``agg`` can be inner-joined. Conservative: False when unsure."""
+    if isinstance(node, Occurs):
+        return True
+    if isinstance(node, Count):
+        return not _OPERATORS[node.op](0, node.value)
+    if isinstance(node, Aggregate):
+        return node.fn is not AggregateFn.SUM or not _OPERATORS[node.op](0.0, float(node.value))
+    if isinstance(node, And):
+        return any(_needs_aggregate_row(item) for item in node.items)
+    if isinstance(node, Or):
+        return all(_needs_aggregate_row(item) for item in node.items)
+    return False  # attributes, consents, picks and sequences are not read from agg; Not flips
+
+
+_OPERATORS: dict[CompareOp, Callable[[float, float], bool]] = {
+    CompareOp.EQ: lambda a, b: a == b,
+    CompareOp.NE: lambda a, b: a != b,
+    CompareOp.LT: lambda a, b: a < b,
+    CompareOp.LE: lambda a, b: a <= b,
+    CompareOp.GT: lambda a, b: a > b,
+    CompareOp.GE: lambda a, b: a >= b,
+}
 
 
 def _kind(node: Attr | Prop | Pick) -> FieldType:

@@ -306,7 +306,7 @@ class _Bounds:
         """How many of ``items`` (ordered) are below the moving lower bound at ``t``: a prefix."""
         if self.lo_off is None:
             return 0
-        return bisect_right(items, t + self.lo_off, key=_stamp)
+        return bisect_left(items, t + self.lo_off, key=_stamp)
 
 
 def _at(bound: At) -> int:
@@ -767,7 +767,7 @@ class _CountNode(_EventNode):
                 break
             count += steps[instant]
             if self.op(float(count), self.target) != before:
-                return instant
+                return instant + 1
         return edges
 
 
