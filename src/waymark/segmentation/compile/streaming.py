@@ -721,7 +721,7 @@ class _CountNode(_EventNode):
             entered, pending, unknown = self._sliding_cap(entered, pending, unknown)
         else:
             counter = min(counter + len(arrived), self.keep)
-            pending = pending[: max(self.keep - counter, 0)]
+            pending = pending[: max(self.keep - counter - 1, 0)]
             pending, unknown = self._pending_cap(pending, unknown)
         return {"c": counter, "e": entered, "p": pending, "u": unknown}
 
@@ -767,7 +767,7 @@ class _CountNode(_EventNode):
                 break
             count += steps[instant]
             if self.op(float(count), self.target) != before:
-                return instant + 1
+                return instant
         return edges
 
 
