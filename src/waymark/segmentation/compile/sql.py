@@ -76,6 +76,14 @@ EXECUTED_DIALECTS = ("duckdb", "postgres")
 WAREHOUSE_DIALECTS = ("spark", "trino", "clickhouse", "snowflake", "bigquery")
 
 _TS_TYPE = exp.DataType.build("TIMESTAMPTZ")
+_SQL_OPS: dict[CompareOp, type[exp.Binary]] = {
+    CompareOp.EQ: exp.EQ,
+    CompareOp.NE: exp.NEQ,
+    CompareOp.LT: exp.LT,
+    CompareOp.LE: exp.LTE,
+    CompareOp.GT: exp.GT,
+    CompareOp.GE: exp.GTE,
+}
 _DOUBLE = exp.DataType.build("DOUBLE")
 _FALSE = exp.false()
 
@@ -467,15 +475,9 @@ class _Compiler:
             has = _two_valued(has)
             return has if test.present else exp.Not(this=has)
         if isinstance(test, Compare):
-            ops: dict[CompareOp, type[exp.Binary]] = {
-                CompareOp.EQ: exp.EQ,
-                CompareOp.NE: exp.NEQ,
-                CompareOp.LT: exp.LT,
-                CompareOp.LE: exp.LTE,
-                CompareOp.GT: exp.GT,
-                CompareOp.GE: exp.GTE,
-            }
-            return _two_valued(ops[test.op](this=value, expression=self._literal(test.value, kind)))
+            return _two_valued(
+                _SQL_OPS[test.op](this=value, expression=self._literal(test.value, kind))
+            )
         if isinstance(test, InList):
             inside = exp.In(this=value, expressions=[self._literal(v, kind) for v in test.values])
             return _two_valued(exp.Not(this=inside) if test.negated else inside)
@@ -577,15 +579,7 @@ class _Compiler:
         column = self._aggregate_column(("agg", node.fn, node.event, node.path), make)
         if node.fn is AggregateFn.SUM:
             column = exp.func("COALESCE", column, exp.Literal.number(0))
-        ops: dict[CompareOp, type[exp.Binary]] = {
-            CompareOp.EQ: exp.EQ,
-            CompareOp.NE: exp.NEQ,
-            CompareOp.LT: exp.LT,
-            CompareOp.LE: exp.LTE,
-            CompareOp.GT: exp.GT,
-            CompareOp.GE: exp.GTE,
-        }
-        return _two_valued(ops[node.op](this=column, expression=_lit(float(node.value))))
+        return _two_valued(_SQL_OPS[node.op](this=column, expression=_lit(float(node.value))))
 
     def _cte(self, key: object, build: Callable[[str], exp.Select]) -> str:
         name = self.parts.cte_keys.get(key)
@@ -750,15 +744,7 @@ class _Compiler:
         if isinstance(node, Occurs):
             return exp.GT(this=self._count(node.event), expression=exp.Literal.number(0))
         if isinstance(node, Count):
-            ops: dict[CompareOp, type[exp.Binary]] = {
-                CompareOp.EQ: exp.EQ,
-                CompareOp.NE: exp.NEQ,
-                CompareOp.LT: exp.LT,
-                CompareOp.LE: exp.LTE,
-                CompareOp.GT: exp.GT,
-                CompareOp.GE: exp.GTE,
-            }
-            return ops[node.op](
+            return _SQL_OPS[node.op](
                 this=self._count(node.event), expression=exp.Literal.number(node.value)
             )
         if isinstance(node, Aggregate):
