@@ -18,7 +18,7 @@ from waymark.model.events import Identity
 from waymark.privacy import delete_person
 from waymark.profiles.schema_store import save_schema
 from waymark.segmentation import service as segments
-from waymark.storage.tables import audience_changes, audience_members
+from waymark.storage.tables import audience_changes, audience_members, audience_runs
 from waymark.workers import flush_once, run_due_audiences
 
 SCHEMA = json.loads(
@@ -92,7 +92,7 @@ def _profile(hub: Hub, ws: str, user: str) -> str:
         return profiles.find_profile_id(conn, ws, Identity("user_id", user))
 
 
-def test_batch_runs_store_only_the_changes(hub: Hub) -> None:
+def test_batch_runs_store_only_the_changes(hub: Hub, clock: Any) -> None:
     ws = _setup(hub)
     ann, bob, cy = (_profile(hub, ws, u) for u in ("ann", "bob", "cy"))
     _save(hub, ws, "buyers", 'country = "DE" and count(purchase within last 30 days) >= 3')
@@ -101,12 +101,19 @@ def test_batch_runs_store_only_the_changes(hub: Hub) -> None:
     assert _members(hub, ws, "buyers") == {ann}
 
     # a week later ann's oldest purchase (3 days ago) is still inside; at 28 days it is not
-    later = hub.clock.now() + timedelta(days=28)
+    start = hub.clock.now()
+    later = clock.advance(timedelta(days=28))
     second = segments.run_audience(hub, ws, "buyers", now=later)
     assert (second["members"], second["realized"], second["exited"]) == (0, 0, 1)
     assert _members(hub, ws, "buyers") == set()
     again = segments.run_audience(hub, ws, "buyers", now=later)
     assert (again["realized"], again["exited"]) == (0, 0)  # nothing changed: nothing written
+    # a run of an older instant, applied after a newer one, changes nothing
+    stale = segments.run_audience(hub, ws, "buyers", now=start)
+    assert (stale["status"], stale["realized"], stale["exited"]) == ("superseded", 0, 0)
+    assert _members(hub, ws, "buyers") == set()
+    with pytest.raises(InvalidInput, match="future"):
+        segments.run_audience(hub, ws, "buyers", now=later + timedelta(days=1))
 
     with hub.engine.connect() as conn:
         changes = [
@@ -200,6 +207,29 @@ def test_scheduled_audiences_run_when_due(hub: Hub, clock: Any) -> None:
     assert _members(hub, ws, "daily") == {_profile(hub, ws, "cy")}
     assert _members(hub, ws, "manual") == set()
     assert run_due_audiences(hub) == 0  # ran for this day already
+    # a scheduled audience that fails (its attribute left the schema) does not stop the others
+    _save(hub, ws, "broken later", "lifetime_value > 10", schedule="0 6 * * *")
+    _save(hub, ws, "later", 'country = "DE"', schedule="0 6 * * *")
+    smaller = {k: v for k, v in SCHEMA["attributes"].items() if k != "lifetime_value"}
+    with hub.tx() as conn:
+        save_schema(
+            conn,
+            workspace_id=ws,
+            document={**SCHEMA, "attributes": smaller},
+            actor="t",
+            at=hub.clock.now(),
+        )
+    clock.advance(timedelta(days=1))
+    assert run_due_audiences(hub) == 2  # daily and later ran; broken later failed, recorded
+    assert len(_members(hub, ws, "later")) == 3
+    with hub.engine.connect() as conn:
+        failed = conn.execute(
+            select(audience_runs.c.status, audience_runs.c.error).where(
+                audience_runs.c.status == "failed"
+            )
+        ).all()
+    assert len(failed) == 1 and "lifetime_value" in failed[0].error
+    assert run_due_audiences(hub) == 0  # not retried before its next cron time
 
 
 def test_privacy_deletion_removes_memberships(hub: Hub) -> None:
@@ -254,3 +284,24 @@ def test_memberships_follow_a_merge(hub: Hub) -> None:
     assert len(history) >= 1
     second = segments.run_audience(hub, ws, "german", now=hub.clock.now())
     assert (second["members"], second["realized"], second["exited"]) == (3, 0, 0)
+
+
+def test_a_person_deleted_during_a_run_does_not_come_back(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = _setup(hub)
+    ann = _profile(hub, ws, "ann")
+    _save(hub, ws, "german", 'country = "DE"')
+    evaluate = segments.member_ids
+
+    def evaluate_then_delete(*args: Any, **kwargs: Any) -> list[str]:
+        found = evaluate(*args, **kwargs)  # ann is found ...
+        delete_person(hub, workspace_id=ws, identity=Identity("user_id", "ann"), actor="t")
+        return found  # ... and deleted before the run stores what it found
+
+    monkeypatch.setattr(segments, "member_ids", evaluate_then_delete)
+    run = segments.run_audience(hub, ws, "german", now=hub.clock.now())
+    assert run["members"] == 3 and run["realized"] == 2
+    with hub.engine.connect() as conn:
+        for table in (audience_members, audience_changes):
+            assert conn.execute(select(table).where(table.c.profile_id == ann)).first() is None

@@ -14,6 +14,7 @@ log shares the state database and the query reads them in place.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 from croniter import croniter
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waymark.access.service import record_audit
@@ -38,7 +39,15 @@ from waymark.segmentation.lang.jsonform import from_json, to_json
 from waymark.segmentation.lang.parser import parse
 from waymark.segmentation.lang.printer import to_text
 from waymark.storage.hotpath import fetch_rows
-from waymark.storage.tables import audience_changes, audience_members, audience_runs, audiences
+from waymark.storage.tables import (
+    audience_changes,
+    audience_members,
+    audience_runs,
+    audiences,
+    privacy_requests,
+    profile_merges,
+    profiles,
+)
 
 __all__ = [
     "Audience",
@@ -56,6 +65,8 @@ __all__ = [
     "run_due",
     "save_audience",
 ]
+
+log = logging.getLogger(__name__)
 
 NAME_MAX = 100
 #: Why every audience is evaluated in batch for now (streaming evaluation is not built yet).
@@ -500,46 +511,82 @@ def apply_members(
     return len(entered), len(left)
 
 
-def run_audience(
+def _fail_run(hub: Hub, run_id: str, exc: BaseException) -> None:
+    with hub.tx() as conn:
+        conn.execute(
+            update(audience_runs)
+            .where(audience_runs.c.id == run_id)
+            .values(status="failed", error=str(exc)[:2000], finished_at=hub.clock.now())
+        )
+
+
+def _profiles_went_away(conn: Connection, workspace_id: str, *, since: datetime) -> bool:
+    """Whether a merge or a privacy deletion happened in the workspace since ``since``."""
+    merged = conn.execute(
+        select(profile_merges.c.seq)
+        .where(profile_merges.c.workspace_id == workspace_id, profile_merges.c.at >= since)
+        .limit(1)
+    ).first()
+    deleted = conn.execute(
+        select(privacy_requests.c.id)
+        .where(
+            privacy_requests.c.workspace_id == workspace_id,
+            privacy_requests.c.kind == "delete",
+            privacy_requests.c.requested_at >= since,
+        )
+        .limit(1)
+    ).first()
+    return merged is not None or deleted is not None
+
+
+def _drop_gone(conn: Connection, audience: Audience, run_id: str) -> int:
+    """Remove what a run wrote for profiles that were merged away or deleted while it was
+    evaluating (nothing of a deleted person may come back); returns the entries removed."""
+    alive = select(profiles.c.id).where(profiles.c.workspace_id == audience.workspace_id)
+    gone = conn.execute(
+        delete(audience_changes).where(
+            audience_changes.c.run_id == run_id,
+            audience_changes.c.profile_id.not_in(alive.scalar_subquery()),
+        )
+    )
+    conn.execute(
+        delete(audience_members).where(
+            audience_members.c.workspace_id == audience.workspace_id,
+            audience_members.c.audience_id == audience.id,
+            audience_members.c.profile_id.not_in(alive.scalar_subquery()),
+        )
+    )
+    return int(gone.rowcount or 0)
+
+
+def _apply_run(
     hub: Hub,
-    workspace_id: str,
-    name: str,
+    audience: Audience,
+    found: list[str],
     *,
     now: datetime,
-    trigger: str = "manual",
-    actor: str = "system",
+    run_id: str,
+    started: datetime,
 ) -> dict[str, Any]:
-    """Evaluate an audience at ``now`` and store the membership changes; returns the run.
-
-    A failing evaluation is recorded as a failed run (with its error) and raised again.
-    """
+    """Store a run's members in one transaction that holds the audience (so two runs of one
+    audience apply one after the other); a run older than one already applied changes
+    nothing (``superseded``)."""
     with hub.tx() as conn:
-        audience = get_audience(conn, workspace_id, name)
-        run_id = new_id()
-        conn.execute(
-            insert(audience_runs).values(
-                id=run_id,
-                workspace_id=workspace_id,
-                audience_id=audience.id,
-                trigger=trigger,
-                as_of=now,
-                status="running",
-                started_at=hub.clock.now(),
-                actor=actor,
-            )
-        )
-    try:
-        found = member_ids(hub, workspace_id, audience.definition, now=now)
-    except Exception as exc:
-        with hub.tx() as conn:
+        row = conn.execute(
+            select(audiences.c.last_run_at).where(audiences.c.id == audience.id).with_for_update()
+        ).first()
+        if row is None:
+            raise NotFound(f"audience {audience.name!r} was deleted during its run")
+        if row.last_run_at is not None and row.last_run_at > now:
             conn.execute(
                 update(audience_runs)
                 .where(audience_runs.c.id == run_id)
-                .values(status="failed", error=str(exc)[:2000], finished_at=hub.clock.now())
+                .values(status="superseded", members=len(found), finished_at=hub.clock.now())
             )
-        raise
-    with hub.tx() as conn:
+            return {"status": "superseded", "realized": 0, "exited": 0}
         realized, exited = apply_members(conn, audience, found, now=now, run_id=run_id)
+        if _profiles_went_away(conn, audience.workspace_id, since=started):
+            realized -= _drop_gone(conn, audience, run_id)
         conn.execute(
             update(audience_runs)
             .where(audience_runs.c.id == run_id)
@@ -552,27 +599,80 @@ def run_audience(
             )
         )
         conn.execute(update(audiences).where(audiences.c.id == audience.id).values(last_run_at=now))
+    return {"status": "done", "realized": realized, "exited": exited}
+
+
+def run_audience(
+    hub: Hub,
+    workspace_id: str,
+    name: str,
+    *,
+    now: datetime,
+    trigger: str = "manual",
+    actor: str = "system",
+) -> dict[str, Any]:
+    """Evaluate an audience at ``now`` (not in the future) and store the membership changes;
+    returns the run. A failure is recorded on the run (with its error) and raised again."""
+    if now > hub.clock.now():
+        raise InvalidInput([Issue("as_of", "a run cannot be evaluated in the future")])
+    started = hub.clock.now()
+    with hub.tx() as conn:
+        audience = get_audience(conn, workspace_id, name)
+        run_id = new_id()
+        conn.execute(
+            insert(audience_runs).values(
+                id=run_id,
+                workspace_id=workspace_id,
+                audience_id=audience.id,
+                trigger=trigger,
+                as_of=now,
+                status="running",
+                started_at=started,
+                actor=actor,
+            )
+        )
+    try:
+        found = member_ids(hub, workspace_id, audience.definition, now=now)
+        outcome = _apply_run(hub, audience, found, now=now, run_id=run_id, started=started)
+    except Exception as exc:
+        _fail_run(hub, run_id, exc)
+        raise
     return {
         "run_id": run_id,
         "audience": name,
         "as_of": now.isoformat(),
+        "status": outcome["status"],
         "members": len(found),
-        "realized": realized,
-        "exited": exited,
+        "realized": outcome["realized"],
+        "exited": outcome["exited"],
         "trigger": trigger,
     }
 
 
 def run_due(hub: Hub, *, now: datetime) -> list[dict[str, Any]]:
-    """Run every scheduled audience whose cron time has come since its last run (once each,
-    however many times were missed)."""
+    """Run every scheduled audience whose cron time (UTC) has come since its last scheduled
+    attempt, once each however many times were missed. A failing audience is recorded as a
+    failed run and tried again at its next cron time; the others run all the same."""
     with hub.engine.connect() as conn:
         rows = list(conn.execute(select(audiences).where(audiences.c.schedule.is_not(None))))
+        attempts = dict(
+            conn.execute(
+                select(audience_runs.c.audience_id, func.max(audience_runs.c.as_of))
+                .where(audience_runs.c.trigger == "schedule")
+                .group_by(audience_runs.c.audience_id)
+            ).all()
+        )
     done = []
     for row in rows:
-        since = row.last_run_at or row.created_at
-        if croniter(row.schedule, since).get_next(datetime) <= now:
+        since = max(
+            t for t in (row.created_at, row.last_run_at, attempts.get(row.id)) if t is not None
+        )
+        if croniter(row.schedule, since).get_next(datetime) > now:
+            continue
+        try:
             done.append(run_audience(hub, row.workspace_id, row.name, now=now, trigger="schedule"))
+        except Exception:  # recorded on the run; the next audience still runs
+            log.exception("scheduled run failed", extra={"audience": row.name})
     return done
 
 
