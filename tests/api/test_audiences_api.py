@@ -123,6 +123,12 @@ def test_bad_requests_get_clear_answers(api: Api) -> None:
         ({"name": "", "definition": 'country = "DE"'}, "name"),
         ({"name": "x", "definition": 'country = "DE"', "schedule": "often"}, "cron"),
         ({"name": "x", "definition": 'country = "DE"', "colour": "red"}, "colour"),
+        ({"name": "x", "definition": 'country = "DE"', "description": 5}, "description"),
+        ({"name": "x", "definition": 'country = "DE"', "schedule": 5}, "schedule"),
+        ({"name": "x", "definition": 'country = "DE"', "schedule": "0 0 6 * * *"}, "five"),
+        ({"name": "a/b", "definition": 'country = "DE"'}, "name"),
+        ({"name": 'say "hi"', "definition": 'country = "DE"'}, "name"),
+        ({"name": 7, "definition": 'country = "DE"'}, "name"),
         ({"name": "x", "definition": "not " * 40 + 'country = "DE"'}, "nest"),
     ]
     for body, needle in cases:
@@ -136,3 +142,24 @@ def test_bad_requests_get_clear_answers(api: Api) -> None:
     assert r.status_code in (401, 403)
     assert api.client.get("/v1/audiences/nope", headers=h).status_code == 404
     assert api.client.post("/v1/audiences/nope/runs", headers=h).status_code == 404
+
+
+def test_any_name_exports_and_instants_are_bounded(api: Api) -> None:
+    _seed(api)
+    h = api.bearer()
+    r = api.client.post(
+        "/v1/audiences", json={"name": "Käufer 日本", "definition": 'country = "DE"'}, headers=h
+    )
+    assert r.status_code == 201, r.text
+    assert api.client.post("/v1/audiences/Käufer 日本/runs", headers=h).status_code == 200
+    for fmt in ("csv", "parquet"):
+        r = api.client.get(f"/v1/audiences/Käufer 日本/members?format={fmt}", headers=h)
+        assert (
+            r.status_code == 200
+            and "filename*=UTF-8''K%C3%A4ufer" in r.headers["content-disposition"]
+        )
+    for when in ("9999-12-31T00:00:00Z", "0001-01-02", "yesterday"):
+        r = api.client.get(f"/v1/audiences/Käufer 日本/count?as_of={when}", headers=h)
+        assert r.status_code == 400 and "as_of" in r.text, r.text
+    r = api.client.post("/v1/audiences/Käufer 日本/runs?as_of=2999-01-01T00:00:00Z", headers=h)
+    assert r.status_code == 400 and "future" in r.text

@@ -7,6 +7,7 @@ import io
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +19,6 @@ from waymark.core.errors import InvalidInput, Issue
 from waymark.hub import Hub
 from waymark.profiles import service as profiles
 from waymark.segmentation import service as segments
-from waymark.segmentation.lang.ast import parse_moment
 from waymark.workers import flush_once
 
 JSONObject = dict[str, Any]
@@ -28,12 +28,16 @@ _SAVE_KEYS = {"name", "definition", "description", "schedule"}
 
 
 def _as_of(hub: Hub, text: str | None) -> datetime:
-    if text is None:
-        return hub.clock.now()
-    moment = parse_moment(text)
-    if moment is None:
-        raise InvalidInput([Issue("as_of", f"{text!r} is not an ISO-8601 date or timestamp")])
-    return moment
+    return segments.as_of(text, hub.clock.now())
+
+
+def _attachment(name: str, suffix: str) -> dict[str, str]:
+    """A download's file name, for any audience name (RFC 6266 / 5987)."""
+    ascii_name = "".join(c if (c.isascii() and c.isalnum()) or c in " -_." else "_" for c in name)
+    return {
+        "content-disposition": f'attachment; filename="{ascii_name}{suffix}"; '
+        f"filename*=UTF-8''{quote(name + suffix, safe='')}"
+    }
 
 
 def _definition_of(body: JSONObject, key: str = "definition") -> object:
@@ -209,7 +213,7 @@ def add_audience_routes(app: FastAPI, hub: Hub, principal: Authorize) -> None:
             return Response(
                 out.getvalue(),
                 media_type="text/csv",
-                headers={"content-disposition": f'attachment; filename="{name}.csv"'},
+                headers=_attachment(name, ".csv"),
             )
         buffer = io.BytesIO()
         columns = ("profile_id", "status", "realized_at", "exited_at")
@@ -219,7 +223,7 @@ def add_audience_routes(app: FastAPI, hub: Hub, principal: Authorize) -> None:
         return Response(
             buffer.getvalue(),
             media_type="application/vnd.apache.parquet",
-            headers={"content-disposition": f'attachment; filename="{name}.parquet"'},
+            headers=_attachment(name, ".parquet"),
         )
 
     @app.get("/v1/profiles/{namespace}/{value}/audiences", tags=["profiles", "audiences"])

@@ -25,7 +25,6 @@ from waymark.cli.common import (
 from waymark.core.errors import InvalidInput, Issue
 from waymark.hub import Hub
 from waymark.segmentation import service as segments
-from waymark.segmentation.lang.ast import parse_moment
 
 audience_app = typer.Typer(help="Author, evaluate and export audiences.", no_args_is_help=True)
 
@@ -59,12 +58,7 @@ def _definition(value: str) -> object:
 
 
 def _now(hub: Hub, as_of: str | None) -> Any:
-    if as_of is None:
-        return hub.clock.now()
-    moment = parse_moment(as_of)
-    if moment is None:
-        raise InvalidInput([Issue("--as-of", f"{as_of!r} is not an ISO-8601 date or timestamp")])
-    return moment
+    return segments.as_of(as_of, hub.clock.now())
 
 
 @audience_app.command("save")

@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -145,19 +145,54 @@ def read_definition(
     )
 
 
-def _check_name(name: str) -> None:
+SCHEDULE_MAX = 100
+#: The instants an audience can be evaluated at (windows reach 3,650 days either side).
+AS_OF_RANGE = (datetime(1900, 1, 1, tzinfo=UTC), datetime(2999, 12, 31, tzinfo=UTC))
+
+
+def as_of(text: str | None, default: datetime) -> datetime:
+    """An evaluation instant given as ISO-8601 text (``default`` when None)."""
+    if text is None:
+        return default
+    moment = ast.parse_moment(text)
+    if moment is None:
+        raise InvalidInput([Issue("as_of", f"{text!r} is not an ISO-8601 date or timestamp")])
+    if not AS_OF_RANGE[0] <= moment <= AS_OF_RANGE[1]:
+        raise InvalidInput([Issue("as_of", "must be between the years 1900 and 2999")])
+    return moment
+
+
+def _check_name(name: object) -> None:
     if not isinstance(name, str) or not name.strip() or len(name) > NAME_MAX:
-        raise InvalidInput([Issue("name", f"must be 1 to {NAME_MAX} characters")])
-    if name != name.strip() or any(ord(c) < 32 for c in name):
+        raise InvalidInput([Issue("name", f"must be a string of 1 to {NAME_MAX} characters")])
+    if name != name.strip() or any(ord(c) < 32 or c in '/\\"' for c in name):
         raise InvalidInput(
-            [Issue("name", "must not start or end with spaces or hold control characters")]
+            [
+                Issue(
+                    "name",
+                    "must not start or end with spaces, nor hold control characters, '/', "
+                    "'\\' or '\"' (it is part of URLs and file names)",
+                )
+            ]
         )
 
 
-def _check_schedule(schedule: str | None) -> None:
-    if schedule is not None and not croniter.is_valid(schedule):
+def _check_schedule(schedule: object) -> None:
+    if schedule is None:
+        return
+    if not isinstance(schedule, str) or len(schedule) > SCHEDULE_MAX:
         raise InvalidInput(
-            [Issue("schedule", f"{schedule!r} is not a cron expression (e.g. '0 6 * * *')")]
+            [Issue("schedule", f"must be a cron expression of at most {SCHEDULE_MAX} characters")]
+        )
+    if len(schedule.split()) != 5 or not croniter.is_valid(schedule):
+        raise InvalidInput(
+            [
+                Issue(
+                    "schedule",
+                    f"{schedule!r} is not a cron expression of five fields, minute to weekday, "
+                    "in UTC (e.g. '0 6 * * *')",
+                )
+            ]
         )
 
 
@@ -178,16 +213,16 @@ def save_audience(
     *,
     name: str,
     definition: object,
-    description: str = "",
-    schedule: str | None = None,
+    description: object = "",
+    schedule: object = None,
     actor: str,
     now: datetime,
 ) -> Audience:
     """Create the audience ``name`` or replace its definition (a new version)."""
     _check_name(name)
     _check_schedule(schedule)
-    if len(description) > 1000:
-        raise InvalidInput([Issue("description", "must be at most 1000 characters")])
+    if not isinstance(description, str) or len(description) > 1000:
+        raise InvalidInput([Issue("description", "must be a string of at most 1000 characters")])
     stored = _stored(conn, workspace_id)
     expr = read_definition(conn, workspace_id, definition, known=set(stored) | {name})
     if name in references(expr):
