@@ -230,3 +230,30 @@ def test_anniversaries_agree_across_zones_and_leap_days(
         )
     for text in (f"birthday in next {days} days", f"signup_at in next {days} days"):
         _agree(duck, pg, parse(text, SCHEMA), crowd, now)
+
+
+@pytest.mark.parametrize(
+    ("stored", "reads"),
+    [
+        ("2026-02-01T10:00:00+00:00", True),
+        ("2026-02-01T10:00:00.123456Z", True),
+        ("2026-02-01T10:00:00+05:30", True),
+        ("2024-02-29T00:00:00+00:00", True),
+        ("2026-02-29T00:00:00+00:00", False),  # no such day
+        ("2026-02-30T00:00:00Z", False),
+        ("2026-02-01T24:00:00+00:00", False),
+        ("2026-02-01T10:00:60+00:00", False),
+        ("2026-02-01T10:00:00+16:00", False),  # beyond PostgreSQL's offsets
+        ("0000-01-01T00:00:00+00:00", False),
+        ("2026-02-01", False),  # a date is not the stored form of a timestamp
+        ("2026-02-01 10:00:00+00:00", False),
+        ("yesterday", False),
+    ],
+)
+def test_stored_timestamps_read_alike(
+    duck: DuckEngine, request: pytest.FixtureRequest, stored: str, reads: bool
+) -> None:
+    pg = request.getfixturevalue("pg")
+    crowd = [Person("p", {"signup_at": stored}, {}, ())]
+    for text in ("signup_at exists", "signup_at more than 1 days ago"):
+        assert _agree(duck, pg, parse(text, SCHEMA), crowd, NOW) == ({"p"} if reads else set())

@@ -226,10 +226,37 @@ class _PgJson(_Json):
 
 
 def _stored_moment(text: exp.Expr, cast: type[exp.Cast]) -> exp.Expr:
-    """``text`` as a timestamp when it has the stored form (:data:`ast.STORED_MOMENT`), else
-    NULL: PostgreSQL cannot try a cast, so the form is checked first."""
+    """``text`` as a timestamp when it has the stored form (:data:`ast.STORED_MOMENT`) and
+    names a real day, else NULL. PostgreSQL cannot try a cast, so both are checked first (the
+    pattern leaves only the day of the month to check against its month's length)."""
     form = exp.RegexpLike(this=text.copy(), expression=exp.Literal.string(ast.STORED_MOMENT))
-    return exp.Case(ifs=[exp.If(this=form, true=cast(this=text.copy(), to=_TS_TYPE))])
+
+    def number(start: int, length: int) -> exp.Expr:
+        piece = exp.Substring(this=text.copy(), start=_int(start), length=_int(length))
+        return exp.cast(piece, "INT")
+
+    read: exp.Expr = cast(this=text.copy(), to=_TS_TYPE)
+    if cast is not exp.TryCast:  # a try-cast already gives NULL for a day that is not real
+        year, month, day = number(1, 4), number(6, 2), number(9, 2)
+        real = exp.LTE(this=day, expression=_days_in_month(month, year))
+        read = exp.Case(ifs=[exp.If(this=real, true=read)])
+    return exp.Case(ifs=[exp.If(this=form, true=read)])
+
+
+def _days_in_month(month: exp.Expr, year: exp.Expr) -> exp.Expr:
+    return exp.Case(
+        ifs=[
+            exp.If(
+                this=exp.EQ(this=month.copy(), expression=_int(2)),
+                true=exp.Case(ifs=[exp.If(this=_is_leap(year), true=_int(29))], default=_int(28)),
+            ),
+            exp.If(
+                this=exp.In(this=month.copy(), expressions=[_int(4), _int(6), _int(9), _int(11)]),
+                true=_int(30),
+            ),
+        ],
+        default=_int(31),
+    )
 
 
 def _int(value: int) -> exp.Expr:
@@ -373,19 +400,7 @@ class _Compiler:
             exp.alias_(number(6, 2), "m"),
             exp.alias_(number(9, 2), "d"),
         ).from_(self._fenced(exp.select(exp.alias_(value, "s"))).subquery("txt"))
-        days_in_month = exp.Case(
-            ifs=[
-                exp.If(
-                    this=exp.EQ(this=m.copy(), expression=_int(2)),
-                    true=exp.Case(ifs=[exp.If(this=_is_leap(y), true=_int(29))], default=_int(28)),
-                ),
-                exp.If(
-                    this=exp.In(this=m.copy(), expressions=[_int(4), _int(6), _int(9), _int(11)]),
-                    true=_int(30),
-                ),
-            ],
-            default=_int(31),
-        )
+        days_in_month = _days_in_month(m, y)
         real = exp.and_(
             exp.GTE(this=y.copy(), expression=_int(1)),
             exp.Between(this=m.copy(), low=_int(1), high=_int(12)),

@@ -447,11 +447,15 @@ def resolve(window: Window, now: datetime) -> Span:
 
 
 #: How a stored timestamp reads: the ISO-8601 text ingestion writes (``isoformat()`` of an aware
-#: datetime, or with ``Z``). Other text in a timestamp field counts as missing, in every
-#: evaluator (SQL engines parse a narrower set of forms than Python, so the rule is explicit).
+#: datetime, or with ``Z``), with every field in range (year 1 on, hours to 23, offsets to
+#: 15:59, which is as far as PostgreSQL goes). Other text in a timestamp field counts as
+#: missing, in every evaluator: SQL engines parse other sets of forms than Python, and
+#: PostgreSQL cannot try a cast, so the rule is this pattern (and, for the day of the month,
+#: the calendar).
 STORED_MOMENT: Final = (
-    "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}([.][0-9]{1,6})?"
-    "(Z|[+-][0-9]{2}:[0-9]{2})$"
+    "^([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])-(0[1-9]|1[0-2])-"
+    "(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]([.][0-9]{1,6})?"
+    "(Z|[+-](0[0-9]|1[0-5]):[0-5][0-9])$"
 )
 #: How a calendar date in a string field starts (``YYYY-MM-DD``, then anything).
 STORED_DATE: Final = "^[0-9]{4}-[0-9]{2}-[0-9]{2}"
