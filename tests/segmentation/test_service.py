@@ -273,15 +273,15 @@ def test_memberships_follow_a_merge(hub: Hub) -> None:
     dee = _profile(hub, ws, "dee")
     with hub.engine.connect() as conn:
         rows = conn.execute(select(audience_members.c.profile_id)).scalars().all()
-        history = (
-            conn.execute(
-                select(audience_changes.c.profile_id).where(audience_changes.c.profile_id == dee)
+        told = conn.execute(
+            select(audience_changes.c.profile_id, audience_changes.c.change).order_by(
+                audience_changes.c.seq
             )
-            .scalars()
-            .all()
-        )
+        ).all()
     assert len(rows) == 3 and dee in rows  # one membership per person, on the survivor
-    assert len(history) >= 1
+    # history is not rewritten: the absorbed profile is told to have left
+    absorbed = [p for p, change in told if change == "exited"]
+    assert len(absorbed) == 1 and absorbed[0] != dee and len(told) == 5
     second = segments.run_audience(hub, ws, "german", now=hub.clock.now())
     assert (second["members"], second["realized"], second["exited"]) == (3, 0, 0)
 

@@ -369,25 +369,61 @@ class ProfileWriter:
         return self.stats
 
     def _move_memberships(self, absorbed: str, survivor: str) -> None:
-        """Audience memberships and their history follow the survivor. Where both profiles
-        had a membership of the same audience, the survivor's stays; the next evaluation of
-        the merged profile decides whether it is in."""
-        ws, members, changes = self.workspace_id, audience_members, audience_changes
-        theirs = select(members.c.audience_id).where(
-            members.c.workspace_id == ws, members.c.profile_id == survivor
-        )
-        self.conn.execute(
-            delete(members).where(
-                members.c.workspace_id == ws,
-                members.c.profile_id == absorbed,
-                members.c.audience_id.in_(theirs.scalar_subquery()),
+        """Audience memberships follow the survivor, told as changes (history is never
+        rewritten: a consumer that read "absorbed realized" reads "absorbed exited"). The
+        survivor enters what the absorbed profile was in, unless it already is in; the next
+        evaluation of the merged profile decides whether it stays."""
+        ws, members = self.workspace_id, audience_members
+        rows = self.conn.execute(
+            select(members.c.audience_id, members.c.status).where(
+                members.c.workspace_id == ws, members.c.profile_id == absorbed
             )
-        )
-        for table in (members, changes):
+        ).all()
+        if not rows:
+            return
+        held = set(
             self.conn.execute(
-                update(table)
-                .where(table.c.workspace_id == ws, table.c.profile_id == absorbed)
-                .values(profile_id=survivor)
+                select(members.c.audience_id).where(
+                    members.c.workspace_id == ws,
+                    members.c.profile_id == survivor,
+                    members.c.status == "realized",
+                )
+            ).scalars()
+        )
+        changes: list[dict[str, Any]] = []
+        for audience_id, status in rows:
+            if status != "realized":
+                continue
+            changes.append({"audience_id": audience_id, "profile_id": absorbed, "change": "exited"})
+            if audience_id in held:
+                continue
+            self.conn.execute(
+                delete(members).where(
+                    members.c.workspace_id == ws,
+                    members.c.audience_id == audience_id,
+                    members.c.profile_id == survivor,
+                )
+            )
+            self.conn.execute(
+                insert(members).values(
+                    workspace_id=ws,
+                    audience_id=audience_id,
+                    profile_id=survivor,
+                    status="realized",
+                    realized_at=self.now,
+                    exited_at=None,
+                )
+            )
+            changes.append(
+                {"audience_id": audience_id, "profile_id": survivor, "change": "realized"}
+            )
+        self.conn.execute(
+            delete(members).where(members.c.workspace_id == ws, members.c.profile_id == absorbed)
+        )
+        if changes:
+            self.conn.execute(
+                insert(audience_changes),
+                [{"workspace_id": ws, "at": self.now, "run_id": None, **c} for c in changes],
             )
 
     def _move_consents(self, absorbed: str, survivor: str) -> None:
