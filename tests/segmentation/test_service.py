@@ -184,6 +184,7 @@ def test_estimate_explain_overlap(hub: Hub) -> None:
         with pytest.raises(InvalidInput, match="dialect"):
             segments.explain(conn, ws, german.definition, now=hub.clock.now(), dialects=["oracle"])
     assert plan["mode"] == "batch" and plan["text"] == 'country = "DE"'
+    assert plan["streaming"] == {"streamable": True, "reason": None}
     assert set(plan["sql"]) == {
         "duckdb",
         "postgres",

@@ -33,6 +33,7 @@ from waymark.core.ids import new_id
 from waymark.hub import Hub
 from waymark.profiles.schema_store import current_schema
 from waymark.segmentation.compile.sql import EXECUTED_DIALECTS, WAREHOUSE_DIALECTS, compile_sql
+from waymark.segmentation.compile.streaming import plan as streaming_plan
 from waymark.segmentation.lang import ast
 from waymark.segmentation.lang.check import check, expand, references
 from waymark.segmentation.lang.jsonform import from_json, to_json
@@ -69,8 +70,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NAME_MAX = 100
-#: Why every audience is evaluated in batch for now (streaming evaluation is not built yet).
-BATCH_REASON = "evaluated in batch: streaming evaluation is not available in this version"
+#: Why every audience is evaluated in batch for now: the streaming evaluator exists
+#: (:mod:`waymark.segmentation.compile.streaming`) but ``serve`` does not run it yet.
+BATCH_REASON = (
+    "evaluated in batch: streaming evaluation is not yet run by waymark serve "
+    "(see 'streaming' for whether this definition could be streamed)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +340,7 @@ def explain(
 ) -> dict[str, Any]:
     """The text, JSON, evaluation mode and SQL per dialect of a checked definition."""
     full = expanded(conn, workspace_id, expr)
+    verdict = streaming_plan(full)
     names = list(dialects) if dialects is not None else [*EXECUTED_DIALECTS, *WAREHOUSE_DIALECTS]
     unknown = [d for d in names if d not in (*EXECUTED_DIALECTS, *WAREHOUSE_DIALECTS)]
     if unknown:
@@ -346,6 +352,8 @@ def explain(
         "references": sorted(references(expr)),
         "mode": "batch",
         "mode_reason": BATCH_REASON,
+        # what the streaming evaluator says of this definition (it is not wired into serve)
+        "streaming": {"streamable": verdict.streamable, "reason": verdict.reason},
         "as_of": now.isoformat(),
         "sql": {
             d: compile_sql(full, workspace_id=workspace_id, now=now, dialect=d).sql(
