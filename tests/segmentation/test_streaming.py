@@ -197,8 +197,8 @@ _SETTINGS = settings(
 )
 
 
-def _replay_all(data: st.DataObject, *, max_events: int, exact: bool) -> None:
-    expr = data.draw(audiences(SCHEMA, names=(), depth=2), label="definition")
+def _replay_all(data: st.DataObject, *, depth: int, max_events: int, exact: bool) -> None:
+    expr = data.draw(audiences(SCHEMA, names=(), depth=depth), label="definition")
     verdict = plan(expr)
     if not verdict.streamable:
         event("not streamable")
@@ -236,16 +236,24 @@ def _replay_all(data: st.DataObject, *, max_events: int, exact: bool) -> None:
         event("the in-memory sum overflows")
 
 
-@settings(_SETTINGS, max_examples=130)
+@settings(_SETTINGS, max_examples=250)
 @given(data=st.data())
-def test_streaming_agrees_with_memory_at_every_instant_and_timer(data: st.DataObject) -> None:
-    _replay_all(data, max_events=1000, exact=True)
+def test_each_condition_agrees_with_memory_at_every_instant_and_timer(
+    data: st.DataObject,
+) -> None:
+    _replay_all(data, depth=0, max_events=1000, exact=True)
 
 
-@settings(_SETTINGS, max_examples=50)
+@settings(_SETTINGS, max_examples=120)
+@given(data=st.data())
+def test_combinations_agree_with_memory_at_every_instant_and_timer(data: st.DataObject) -> None:
+    _replay_all(data, depth=2, max_events=1000, exact=True)
+
+
+@settings(_SETTINGS, max_examples=100)
 @given(data=st.data())
 def test_past_the_cap_answers_are_exact_or_unknown_never_wrong(data: st.DataObject) -> None:
-    _replay_all(data, max_events=2, exact=False)
+    _replay_all(data, depth=1, max_events=2, exact=False)
 
 
 def test_most_drawn_definitions_are_streamable() -> None:

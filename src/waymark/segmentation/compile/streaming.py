@@ -721,7 +721,7 @@ class _CountNode(_EventNode):
             entered, pending, unknown = self._sliding_cap(entered, pending, unknown)
         else:
             counter = min(counter + len(arrived), self.keep)
-            pending = pending[: max(self.keep - counter - 1, 0)]
+            pending = pending[: max(self.keep - counter, 0)]
             pending, unknown = self._pending_cap(pending, unknown)
         return {"c": counter, "e": entered, "p": pending, "u": unknown}
 
