@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from waymark.hub import Hub
 from waymark.ingestion.mover import flush
 from waymark.profiles.service import finish_deletions
-from waymark.segmentation.service import run_due
+from waymark.segmentation.service import fail_interrupted_runs, run_due
 from waymark.storage.database import checkpoint
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ async def run_background(hub: Hub) -> None:
     done = await run_in_threadpool(finish_pending_deletions, hub)
     if done:
         log.info("finished interrupted privacy deletions", extra={"count": done})
+    stale = await run_in_threadpool(fail_interrupted_runs, hub)
+    if stale:
+        log.warning("marked interrupted audience runs as failed", extra={"count": stale})
     interval = hub.settings.flush_interval_ms / 1000
     schedules = asyncio.create_task(_audience_schedules(hub))
     try:

@@ -306,3 +306,24 @@ def test_a_person_deleted_during_a_run_does_not_come_back(
     with hub.engine.connect() as conn:
         for table in (audience_members, audience_changes):
             assert conn.execute(select(table).where(table.c.profile_id == ann)).first() is None
+
+
+def test_runs_left_running_by_a_stopped_process_are_marked_failed(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = _setup(hub)
+    _save(hub, ws, "german", 'country = "DE"')
+
+    def die(*args: Any, **kwargs: Any) -> list[str]:
+        raise SystemExit("killed")  # not an Exception: the run is not marked failed
+
+    monkeypatch.setattr(segments, "member_ids", die)
+    with pytest.raises(SystemExit):
+        segments.run_audience(hub, ws, "german", now=hub.clock.now())
+    marked = segments.fail_interrupted_runs(hub)
+    with hub.engine.connect() as conn:
+        statuses = conn.execute(select(audience_runs.c.status)).scalars().all()
+    if hub.engine.dialect.name == "sqlite":
+        assert marked == 1 and statuses == ["failed"]
+    else:  # other processes may be running theirs: left alone
+        assert marked == 0 and statuses == ["running"]

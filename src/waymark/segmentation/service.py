@@ -692,6 +692,28 @@ def run_audience(
     }
 
 
+def fail_interrupted_runs(hub: Hub) -> int:
+    """Mark as failed the runs a stopped process left ``running``; returns how many.
+
+    Only on the embedded default, where one ``serve`` owns the event log, so every run still
+    ``running`` when it starts was interrupted. With PostgreSQL other processes may be running
+    theirs, and such rows are left as they are.
+    """
+    if hub.engine.dialect.name != "sqlite":
+        return 0
+    with hub.tx() as conn:
+        result = conn.execute(
+            update(audience_runs)
+            .where(audience_runs.c.status == "running")
+            .values(
+                status="failed",
+                error="interrupted: the process stopped during the run",
+                finished_at=hub.clock.now(),
+            )
+        )
+    return int(result.rowcount or 0)
+
+
 def run_due(hub: Hub, *, now: datetime) -> list[dict[str, Any]]:
     """Run every scheduled audience whose cron time (UTC) has come since its last scheduled
     attempt, once each however many times were missed. A failing audience is recorded as a
