@@ -208,7 +208,10 @@ def _replay_all(data: st.DataObject, *, depth: int, max_events: int, exact: bool
         return
     event("streamable")
     now = data.draw(st.sampled_from(NOWS), label="now")
-    crowd = data.draw(people(SCHEMA, expr, now, max_people=4), label="people")
+    for _ in range(3):  # a history without events says little: draw again
+        crowd = data.draw(people(SCHEMA, expr, now, max_people=4), label="people")
+        if any(person.events for person in crowd):
+            break
     audience = compile_streaming(expr, max_events=max_events)
     reference = compile_memory(expr)
     checks = _checks(expr, now, crowd)
@@ -236,7 +239,7 @@ def _replay_all(data: st.DataObject, *, depth: int, max_events: int, exact: bool
         event("the in-memory sum overflows")
 
 
-@settings(_SETTINGS, max_examples=250)
+@settings(_SETTINGS, max_examples=500)
 @given(data=st.data())
 def test_each_condition_agrees_with_memory_at_every_instant_and_timer(
     data: st.DataObject,
@@ -244,7 +247,7 @@ def test_each_condition_agrees_with_memory_at_every_instant_and_timer(
     _replay_all(data, depth=0, max_events=1000, exact=True)
 
 
-@settings(_SETTINGS, max_examples=120)
+@settings(_SETTINGS, max_examples=150)
 @given(data=st.data())
 def test_combinations_agree_with_memory_at_every_instant_and_timer(data: st.DataObject) -> None:
     _replay_all(data, depth=2, max_events=1000, exact=True)
@@ -259,13 +262,13 @@ def test_past_the_cap_answers_are_exact_or_unknown_never_wrong(data: st.DataObje
 def test_most_drawn_definitions_are_streamable() -> None:
     verdicts: list[bool] = []
 
-    @settings(max_examples=300, database=None, derandomize=True, deadline=None)
+    @settings(max_examples=200, database=None, derandomize=True, deadline=None)
     @given(audiences(SCHEMA, names=(), depth=2))
     def collect(expr: Expr) -> None:
         verdicts.append(plan(expr).streamable)
 
     collect()
-    assert len(verdicts) >= 200
+    assert len(verdicts) >= 150
     assert sum(verdicts) >= 0.75 * len(verdicts)
     assert not all(verdicts)  # the drawn trees include the non-streamable constructs
 
@@ -530,6 +533,18 @@ def test_a_late_step_completes_a_chain_that_then_slides_out_of_its_window() -> N
     assert memory(expr, [add, buy], turn - US) and not memory(expr, [add, buy], turn)
 
 
+def test_a_chain_counts_once_its_start_is_old_enough() -> None:
+    audience, expr = _compile("cart_add more than 1 day ago then purchase within 1 hour")
+    events = [ev("cart_add", T0, sku="x"), ev("purchase", T0 + 30 * MINUTE, revenue=1.0)]
+    state = feed(audience, events)
+    now = T0 + 30 * MINUTE
+    assert not audience.member(state, NOBODY, now)  # complete, but the start is too recent
+    turn = audience.next_change(state, NOBODY, now)
+    assert turn == T0 + DAY + US
+    assert not memory(expr, events, turn - US) and memory(expr, events, turn)
+    assert audience.member(state, NOBODY, turn)
+
+
 def test_ties_are_ordered_by_seq() -> None:
     audience, expr = _compile("count(purchase within last 30 days) = 1")
     edge = T0 - 30 * DAY
@@ -697,6 +712,36 @@ def test_past_the_cap_a_fixed_sequence_stays_exact_unless_an_event_comes_very_la
     state = feed(audience, [late], now=now, state=state)
     with pytest.raises(StateOverflow):
         audience.member(state, NOBODY, now)
+
+
+def test_numbers_that_are_not_json_make_the_answer_unknown_not_the_state() -> None:
+    nan, inf = float("nan"), float("inf")
+    for text, value in (
+        ("sum(purchase.revenue) > 1", nan),
+        ("max(purchase.revenue) > 1", inf),
+        ("last(purchase).revenue exists", nan),
+        ("first(purchase).revenue > 1", inf),
+    ):
+        audience, _ = _compile(text)
+        events = [ev("purchase", T0, revenue=value), ev("purchase", T0, revenue=1.5)]
+        if "last" in text:  # the latest event is the one without a number
+            events = [ev("purchase", T0, revenue=1.5), ev("purchase", T0, revenue=value)]
+        state = feed(audience, events)
+        json.dumps(state, allow_nan=False)  # strict JSON still
+        with pytest.raises(StateOverflow):
+            audience.member(state, NOBODY, T0 + DAY)
+    # a first event that is finite is all a first pick needs
+    audience, _ = _compile("first(purchase).revenue > 1")
+    state = feed(audience, [ev("purchase", T0, revenue=1.5), ev("purchase", T0, revenue=nan)])
+    assert audience.member(state, NOBODY, T0)
+    # in a sliding window, only while that event is inside
+    audience, expr = _compile("sum(purchase.revenue within last 1 day) > 1")
+    events = [ev("purchase", T0, revenue=inf), ev("purchase", T0 + HOUR, revenue=2.0)]
+    state = feed(audience, events)
+    with pytest.raises(StateOverflow):
+        audience.member(state, NOBODY, T0 + HOUR)
+    assert audience.next_change(state, NOBODY, T0 + HOUR) == T0 + DAY + US
+    assert audience.member(state, NOBODY, T0 + DAY + US) == memory(expr, events, T0 + DAY + US)
 
 
 # -- what cannot stream, and refusals -------------------------------------------------------------

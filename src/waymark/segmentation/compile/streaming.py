@@ -41,7 +41,8 @@ State per construct (``k`` the compared count, ``n`` the cap ``max_events``)
   oldest first, so later ones cannot matter before the count saturates). Sliding window: the
   ``S`` newest entered timestamps (the entered events inside the window at ``t`` are the newest
   ones, so if a dropped one were inside, all ``S`` kept ones would be too) and every pending
-  timestamp. Timers: entering and leaving instants of what is kept. Bound: ``S`` (+ pending).
+  timestamp. Timers are exact: a sweep over the instants at which what is kept enters and
+  leaves finds the first at which the comparison turns. Bound: ``S``, plus pending events.
 - ``sum/avg(e.p)``: fixed window: the exact sum of the entered values (an integer mantissa and
   a binary exponent, so the rounded value equals ``math.fsum`` of all values), their number,
   and the pending values. Sliding window: every value inside or pending (the exact answer needs
@@ -59,10 +60,13 @@ State per construct (``k`` the compared count, ``n`` the cap ``max_events``)
   could still count. For each first-step event the chain (positive) or the deadline check
   (absent last) is recomputed from them; each start is active from ``max(chain complete or
   deadline passed, start inside the window's upper bound)`` until it leaves the window. Sliding
-  first-step window: events older than the lower bound at ``W`` are dropped. Fixed: a positive
-  sequence that has held at ``W`` holds forever (late events only add chains), so the state
-  collapses to "done"; otherwise the events are kept (a very late event can complete or, for an
-  absent step, break a chain at any time). Bound: the relevant events, capped.
+  first-step window: events older than the lower bound at ``W`` are dropped. Fixed, positive:
+  a chain that counts counts forever (late events only add chains), so the state keeps the
+  earliest instant one counts (each chain is found when its last event arrives, among the
+  starts at most ``D`` before that event) and collapses to "done" once ``W`` reaches it; the
+  events stay, for chains a late event may still complete. Fixed, absent last: the events stay
+  (a late event of the absent step can break a chain at any time). Bound: the relevant events,
+  capped.
 - Attributes (``signup_at within last 30 days``, anniversaries), consents: no state; timers at
   the window edges of the attribute's value, and at the local midnight (profile time zone, as
   the in-memory evaluator reads it) of the next day on which an anniversary test turns.
@@ -81,7 +85,9 @@ window summarises the starts it drops (the earliest instant one of them holds) a
 unless a matching event arrives that is no later than ``D`` after the newest dropped one; from
 then on it is unknown (a positive one still holds whenever the kept events prove it). Replaying
 a history in timestamp order never causes that, so rebuilding a state that way restores
-exactness. The answer is never wrong: it is exact or unknown.
+exactness. A number property that is NaN or infinite (not JSON, though Python's decoder reads
+them) makes an aggregate or pick unknown while that event could matter, rather than storing it.
+The answer is never wrong: it is exact or unknown.
 
 Not streamable (:func:`plan`): a ``where`` filter whose result depends on the moment of
 evaluation (a property test with a window moving with now, or an anniversary read in the
@@ -191,8 +197,9 @@ _OPS: Final[dict[CompareOp, Callable[[float, float], bool]]] = {
 
 
 class StateOverflow(Exception):
-    """The answer depends on events a node dropped at its cap: evaluate this profile in batch.
-    ``next_change`` still gives the instant at which to try the streaming answer again."""
+    """The answer depends on what the state could not keep (events past a node's cap, or a
+    number that is not JSON): evaluate this profile in batch. ``next_change`` still gives the
+    instant at which to try the streaming answer again."""
 
 
 class ProfileView(Protocol):
@@ -475,6 +482,18 @@ def _nest(path: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def _finite(value: Any) -> bool:
+    """Whether a JSON-decoded value holds no NaN or infinity (not JSON, though Python's decoder
+    accepts them): such a value makes a node's answer unknown, never a non-JSON state."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(item) for item in value.values())
+    if isinstance(value, list):
+        return all(_finite(item) for item in value)
+    return True
+
+
 def _zone(attributes: Mapping[str, Any]) -> str | None:
     zone = attributes.get("timezone")
     return zone if isinstance(zone, str) else None
@@ -680,6 +699,11 @@ class _EventNode(_Node):
         cut = min(excess, len(entered))
         return entered[cut:], pending[excess - cut :], _widen(unknown, None, newest - lo_off)
 
+    def _unknowable(self, slot: dict[str, Any], x: int) -> dict[str, Any]:
+        """``slot``, unknown while an event at ``x`` with a non-finite value could matter."""
+        lo_off = self.bounds.lo_off
+        return {**slot, "u": _widen(slot.get("u"), None, None if lo_off is None else x - lo_off)}
+
     def _pending_cap(self, pending: list[_Item], unknown: _Unknown) -> tuple[list[_Item], _Unknown]:
         """Drop the newest pending events beyond the cap (fixed windows): the answer is unknown
         from when the first dropped one would enter, on."""
@@ -802,6 +826,8 @@ class _AggregateNode(_EventNode):
         number = read_number(self.get(event.properties))
         if number is None or not self.accepts(event, x):
             return slot
+        if not math.isfinite(number):
+            return self._unknowable(slot, x)
         bounds = self.bounds
         pending: list[_Item] = list(slot["p"])
         unknown: _Unknown = _settle(slot["u"], w)
@@ -893,7 +919,7 @@ class _PickNode(_EventNode):
 
     def new(self) -> dict[str, Any]:
         if self.single:
-            return {"f": None}
+            return {"f": None, "u": None}
         if self.first:
             return {"e": [], "p": [], "u": None}
         return {"l": None, "p": [], "u": None}
@@ -907,7 +933,12 @@ class _PickNode(_EventNode):
         bounds = self.bounds
         if self.single:
             earliest = slot["f"]
-            return slot if earliest is not None and _key(earliest) <= _key(item) else {"f": item}
+            if earliest is not None and _key(earliest) <= _key(item):
+                return slot  # never the first
+        if self.get is not None and not _finite(item[2]):
+            return self._unknowable(slot, x)
+        if self.single:
+            return {"f": item, "u": slot["u"]}
         pending: list[_Item] = list(slot["p"])
         unknown: _Unknown = _settle(slot["u"], w)
         insort(pending, item, key=_key)
@@ -953,7 +984,7 @@ class _PickNode(_EventNode):
 
     def value(self, slots: list[Any], ctx: _Context) -> bool | None:
         slot = slots[self.index]
-        if _unknown_at(slot.get("u"), ctx.t):
+        if _unknown_at(slot["u"], ctx.t):
             return None
         item = self._picked(slot, ctx.t)
         if item is None:
@@ -967,11 +998,11 @@ class _PickNode(_EventNode):
         bounds = self.bounds
         t = ctx.t
         kept: list[_Item] = [slot[name] for name in ("f", "l") if slot.get(name) is not None]
-        kept += slot.get("e", []) + slot["p"] if not self.single else []
-        candidates: list[int | None] = _unknown_edges(slot.get("u"))
+        kept += slot.get("e", []) + slot.get("p", [])
+        candidates: list[int | None] = _unknown_edges(slot["u"])
         for item in kept:
             candidates += [bounds.enter(item[0]), bounds.leave(item[0])]
-        if not _unknown_at(slot.get("u"), t):
+        if not _unknown_at(slot["u"], t):
             picked = self._picked(slot, t)
             if picked is not None and self.kind is not None:
                 raw = self._raw(picked)
