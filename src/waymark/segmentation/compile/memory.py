@@ -30,6 +30,7 @@ from typing import Any, Final, TypeAlias
 
 from waymark.model.schemas import FieldType
 from waymark.segmentation.lang.ast import (
+    COMPARE,
     Aggregate,
     AggregateFn,
     And,
@@ -221,14 +222,7 @@ _ValueTest: TypeAlias = Callable[[Any, PreparedProfile], bool]
 _Where: TypeAlias = Callable[[Mapping[str, Any], PreparedProfile], bool]
 _Getter: TypeAlias = Callable[[Mapping[str, Any]], Any]
 
-_OPS: Final[dict[CompareOp, Callable[[Any, Any], bool]]] = {
-    CompareOp.EQ: operator.eq,
-    CompareOp.NE: operator.ne,
-    CompareOp.LT: operator.lt,
-    CompareOp.LE: operator.le,
-    CompareOp.GT: operator.gt,
-    CompareOp.GE: operator.ge,
-}
+_OPS: Final = COMPARE
 _ORDERED: Final = frozenset({FieldType.NUMBER, FieldType.INTEGER, FieldType.TIMESTAMP})
 _SCALAR: Final = frozenset(
     {FieldType.STRING, FieldType.NUMBER, FieldType.INTEGER, FieldType.BOOLEAN, FieldType.TIMESTAMP}

@@ -928,24 +928,14 @@ def _needs_aggregate_row(node: Expr) -> bool:
     if isinstance(node, Occurs):
         return True
     if isinstance(node, Count):
-        return not _OPERATORS[node.op](0, node.value)
+        return not ast.COMPARE[node.op](0, node.value)
     if isinstance(node, Aggregate):
-        return node.fn is not AggregateFn.SUM or not _OPERATORS[node.op](0.0, float(node.value))
+        return node.fn is not AggregateFn.SUM or not ast.COMPARE[node.op](0.0, float(node.value))
     if isinstance(node, And):
         return any(_needs_aggregate_row(item) for item in node.items)
     if isinstance(node, Or):
         return all(_needs_aggregate_row(item) for item in node.items)
     return False  # attributes, consents, picks and sequences are not read from agg; Not flips
-
-
-_OPERATORS: dict[CompareOp, Callable[[float, float], bool]] = {
-    CompareOp.EQ: lambda a, b: a == b,
-    CompareOp.NE: lambda a, b: a != b,
-    CompareOp.LT: lambda a, b: a < b,
-    CompareOp.LE: lambda a, b: a <= b,
-    CompareOp.GT: lambda a, b: a > b,
-    CompareOp.GE: lambda a, b: a >= b,
-}
 
 
 def _kind(node: Attr | Prop | Pick) -> FieldType:

@@ -118,6 +118,7 @@ from waymark.segmentation.compile.memory import (
     compile_memory,
 )
 from waymark.segmentation.lang.ast import (
+    COMPARE,
     Aggregate,
     AggregateFn,
     Ago,
@@ -186,14 +187,7 @@ _LAST: Final = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MICRO
 #: How many days ahead an anniversary's turn is looked for; it turns within two years or never.
 _ANNIVERSARY_HORIZON: Final = 800
 
-_OPS: Final[dict[CompareOp, Callable[[float, float], bool]]] = {
-    CompareOp.EQ: operator.eq,
-    CompareOp.NE: operator.ne,
-    CompareOp.LT: operator.lt,
-    CompareOp.LE: operator.le,
-    CompareOp.GT: operator.gt,
-    CompareOp.GE: operator.ge,
-}
+_OPS: Final = COMPARE
 
 
 class StateOverflow(Exception):

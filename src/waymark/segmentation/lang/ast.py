@@ -13,7 +13,9 @@ Pure: no I/O, no clock (``now`` is always an argument).
 from __future__ import annotations
 
 import calendar
+import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -23,6 +25,7 @@ from zoneinfo import ZoneInfo
 from waymark.model.schemas import FieldType
 
 __all__ = [
+    "COMPARE",
     "Aggregate",
     "AggregateFn",
     "Ago",
@@ -157,6 +160,17 @@ class CompareOp(StrEnum):
     LE = "<="
     GT = ">"
     GE = ">="
+
+
+#: What each comparison means on Python values (every evaluator compares through this).
+COMPARE: Final[dict[CompareOp, Callable[[Any, Any], bool]]] = {
+    CompareOp.EQ: operator.eq,
+    CompareOp.NE: operator.ne,
+    CompareOp.LT: operator.lt,
+    CompareOp.LE: operator.le,
+    CompareOp.GT: operator.gt,
+    CompareOp.GE: operator.ge,
+}
 
 
 class TextOp(StrEnum):
