@@ -25,8 +25,11 @@ class Hub:
     clock: Clock = field(default_factory=SystemClock)
     _events: EventLog | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    #: held while events move from the inbox to the log, and by privacy deletions
-    mover_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: held while events move from the inbox to the log (and are folded into the streaming
+    #: audiences), and by privacy deletions; re-entrant
+    mover_lock: threading.RLock = field(default_factory=threading.RLock)
+    #: set when events were stored, so the mover runs now rather than at its next interval
+    inbox_signal: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def open(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from waymark.hub import Hub
-from waymark.ingestion.mover import flush
+from waymark.ingestion.mover import flush_hub
 from waymark.model.events import Identity
 from waymark.profiles import service as profiles
 
@@ -20,7 +20,7 @@ from waymark.profiles import service as profiles
 def delete_person(hub: Hub, *, workspace_id: str, identity: Identity, actor: str) -> dict[str, Any]:
     """Delete everything held about the person with ``identity``; returns the request record."""
     with hub.mover_lock:
-        flush(hub.engine, hub.events, shared=hub.settings.shared_event_log)
+        flush_hub(hub)
         with hub.tx() as conn:
             request_id, _ids = profiles.start_deletion(
                 conn, workspace_id=workspace_id, identity=identity, actor=actor, now=hub.clock.now()

@@ -1,27 +1,45 @@
-"""Background work of ``waymark serve``: the inbox mover, unfinished privacy deletions and
-scheduled audience runs."""
+"""Background work of ``waymark serve``: the inbox mover (which folds events into the streaming
+audiences), streaming upkeep, unfinished privacy deletions and scheduled audience runs."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from starlette.concurrency import run_in_threadpool
 
 from waymark.hub import Hub
-from waymark.ingestion.mover import flush
+from waymark.ingestion.mover import flush_hub
 from waymark.profiles.service import finish_deletions
+from waymark.segmentation.live import CHUNK, maintain, recheck_mark
 from waymark.segmentation.service import fail_interrupted_runs, run_due
 from waymark.storage.database import checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def flush_once(hub: Hub) -> int:
-    """Move waiting events to the log once, then checkpoint the SQLite WAL (so the
-    ingestion writer's commits need not); returns how many moved."""
+def stream_once(hub: Hub) -> tuple[int, bool]:
+    """Move waiting events to the log, folding them into the streaming audiences, then one
+    round of streaming upkeep (rechecks, due timers, a chunk of each pending build); returns
+    how many events moved and whether upkeep work is left for another round."""
     with hub.mover_lock:
-        moved = flush(hub.engine, hub.events, shared=hub.settings.shared_event_log).events
+        mark = recheck_mark(hub)
+        moved = flush_hub(hub).events
+        upkeep = maintain(hub, recheck_upto=mark)
+    busy = upkeep["built"] > 0 or upkeep["timers"] >= CHUNK or upkeep["rechecked"] >= CHUNK
+    return moved, busy
+
+
+def flush_once(hub: Hub) -> int:
+    """:func:`stream_once` until no upkeep is left, then checkpoint the SQLite WAL (so the
+    ingestion writer's commits need not); returns how many events moved."""
+    moved = 0
+    while True:
+        count, busy = stream_once(hub)
+        moved += count
+        if not busy:
+            break
     checkpoint(hub.engine)
     return moved
 
@@ -55,8 +73,9 @@ async def _audience_schedules(hub: Hub) -> None:
 
 
 async def run_background(hub: Hub) -> None:
-    """Run until cancelled: finish pending deletions once, then flush the inbox periodically
-    and run scheduled audiences when due."""
+    """Run until cancelled: finish pending deletions once, then move the inbox (folding the
+    events into the streaming audiences) as soon as ingestion signals new events, at least every
+    ``flush_interval_ms``, and run scheduled audiences when due."""
     done = await run_in_threadpool(finish_pending_deletions, hub)
     if done:
         log.info("finished interrupted privacy deletions", extra={"count": done})
@@ -65,12 +84,19 @@ async def run_background(hub: Hub) -> None:
         log.warning("marked interrupted audience runs as failed", extra={"count": stale})
     interval = hub.settings.flush_interval_ms / 1000
     schedules = asyncio.create_task(_audience_schedules(hub))
+    last_checkpoint = time.monotonic()
     try:
         while True:
+            busy = False
             try:
-                await run_in_threadpool(flush_once, hub)
+                _moved, busy = await run_in_threadpool(stream_once, hub)
+                if time.monotonic() - last_checkpoint >= interval:
+                    await run_in_threadpool(checkpoint, hub.engine)
+                    last_checkpoint = time.monotonic()
             except Exception:  # keep serving; the next round retries
                 log.exception("moving events to the log failed")
-            await asyncio.sleep(interval)
+            if not busy:
+                await run_in_threadpool(hub.inbox_signal.wait, interval)
+            hub.inbox_signal.clear()
     finally:
         schedules.cancel()

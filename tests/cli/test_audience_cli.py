@@ -24,7 +24,7 @@ def test_audience_commands(waymark: Any, tmp_path: Path) -> None:  # noqa: F811
         )
 
     valid = as_json(waymark("audience", "validate", "-w", "shop", 'plan = "pro"', "--json"))
-    assert valid["text"] == 'plan = "pro"' and valid["mode"] == "batch"
+    assert valid["text"] == 'plan = "pro"' and valid["mode"] == "streaming"
     bad = waymark("audience", "validate", "-w", "shop", 'plan = "gold"', ok=False)
     assert bad.exit_code != 0 and "gold" in str(bad.exception)
 

@@ -183,7 +183,7 @@ def test_estimate_explain_overlap(hub: Hub) -> None:
         plan = segments.explain(conn, ws, german.definition, now=hub.clock.now())
         with pytest.raises(InvalidInput, match="dialect"):
             segments.explain(conn, ws, german.definition, now=hub.clock.now(), dialects=["oracle"])
-    assert plan["mode"] == "batch" and plan["text"] == 'country = "DE"'
+    assert plan["mode"] == "streaming" and plan["text"] == 'country = "DE"'
     assert plan["streaming"] == {"streamable": True, "reason": None}
     assert set(plan["sql"]) == {
         "duckdb",
@@ -196,10 +196,35 @@ def test_estimate_explain_overlap(hub: Hub) -> None:
     }
 
 
+def _with_shipping(hub: Hub, ws: str, attributes: dict[str, Any] | None = None) -> None:
+    """The demo schema, with a timestamp property on purchases (for batch-only definitions)."""
+    events = {
+        **SCHEMA["events"],
+        "purchase": {
+            **SCHEMA["events"]["purchase"],
+            "properties": {
+                **SCHEMA["events"]["purchase"]["properties"],
+                "shipped_at": {"type": "timestamp"},
+            },
+        },
+    }
+    document = {**SCHEMA, "events": events, "attributes": attributes or SCHEMA["attributes"]}
+    with hub.tx() as conn:
+        save_schema(conn, workspace_id=ws, document=document, actor="t", at=hub.clock.now())
+
+
+#: makes a definition batch-only (a filter moving with now) without changing its members here
+BATCH_ONLY = " and not purchase where shipped_at within last 1 days"
+
+
 def test_scheduled_audiences_run_when_due(hub: Hub, clock: Any) -> None:
     ws = _setup(hub)
-    _save(hub, ws, "daily", 'country = "FR"', schedule="0 6 * * *")
-    _save(hub, ws, "manual", 'country = "FR"')
+    _with_shipping(hub, ws)
+    daily = _save(hub, ws, "daily", 'country = "FR"' + BATCH_ONLY, schedule="0 6 * * *")
+    assert daily.mode == "batch"
+    _save(hub, ws, "manual", 'country = "FR"' + BATCH_ONLY)
+    # a streaming audience is kept up to date by serve: its schedule is not needed once built
+    _save(hub, ws, "streamed", 'country = "FR"', schedule="0 6 * * *")
     with pytest.raises(InvalidInput, match="cron"):
         _save(hub, ws, "broken", 'country = "FR"', schedule="every day")
     assert run_due_audiences(hub) == 0  # saved just now: the next 06:00 has not come
@@ -207,19 +232,13 @@ def test_scheduled_audiences_run_when_due(hub: Hub, clock: Any) -> None:
     assert run_due_audiences(hub) == 1
     assert _members(hub, ws, "daily") == {_profile(hub, ws, "cy")}
     assert _members(hub, ws, "manual") == set()
+    assert _members(hub, ws, "streamed") == {_profile(hub, ws, "cy")}
     assert run_due_audiences(hub) == 0  # ran for this day already
     # a scheduled audience that fails (its attribute left the schema) does not stop the others
-    _save(hub, ws, "broken later", "lifetime_value > 10", schedule="0 6 * * *")
-    _save(hub, ws, "later", 'country = "DE"', schedule="0 6 * * *")
+    _save(hub, ws, "broken later", "lifetime_value > 10" + BATCH_ONLY, schedule="0 6 * * *")
+    _save(hub, ws, "later", 'country = "DE"' + BATCH_ONLY, schedule="0 6 * * *")
     smaller = {k: v for k, v in SCHEMA["attributes"].items() if k != "lifetime_value"}
-    with hub.tx() as conn:
-        save_schema(
-            conn,
-            workspace_id=ws,
-            document={**SCHEMA, "attributes": smaller},
-            actor="t",
-            at=hub.clock.now(),
-        )
+    _with_shipping(hub, ws, smaller)
     clock.advance(timedelta(days=1))
     assert run_due_audiences(hub) == 2  # daily and later ran; broken later failed, recorded
     assert len(_members(hub, ws, "later")) == 3

@@ -202,13 +202,22 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
         received_at = hub.clock.now()
         pool: IngestPool | None = state.get("pool")
         if pool is not None:
-            return ingest_answer(await pool.store(kind, call, p.workspace_id, raw, received_at))
-        if data is None:
-            data = decode_body(raw)
-        parsed = parse_request(
-            kind, call, data, workspace_id=p.workspace_id, received_at=received_at, limits=limits
-        )
-        return ingest_answer(await committed(p.workspace_id, parsed))
+            result = await pool.store(kind, call, p.workspace_id, raw, received_at)
+        else:
+            if data is None:
+                data = decode_body(raw)
+            parsed = parse_request(
+                kind,
+                call,
+                data,
+                workspace_id=p.workspace_id,
+                received_at=received_at,
+                limits=limits,
+            )
+            result = await committed(p.workspace_id, parsed)
+        if result.accepted:
+            hub.inbox_signal.set()  # the mover folds them into the streaming audiences now
+        return ingest_answer(result)
 
     # -- ingestion -----------------------------------------------------------------------------
 
@@ -260,6 +269,8 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
             # the public write key ships in web pages: it must not opt people in
             p.require(Scope.WRITE)
         result = await run_in_threadpool(ingestor.native_profiles, p.workspace_id, data)
+        if result.accepted:
+            hub.inbox_signal.set()  # streaming audiences re-evaluate these profiles now
         return ingest_answer(result)
 
     @app.post("/v1/imports/{kind}", tags=["ingestion"], summary="Upload a file to import")

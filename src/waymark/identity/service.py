@@ -44,6 +44,8 @@ from waymark.storage.tables import (
     identities,
     profile_merges,
     profiles,
+    stream_recheck,
+    stream_states,
 )
 
 _CHUNK = 400  # bound on bind parameters per IN list
@@ -333,6 +335,16 @@ class ProfileWriter:
         for absorbed, survivor in sorted(absorbed_stored.items()):
             self._move_consents(absorbed, survivor)
             self._move_memberships(absorbed, survivor)
+            # streaming states: the absorbed profile's go; the survivor's are rebuilt from the
+            # merged history once the log holds it (waymark.segmentation.live)
+            conn.execute(
+                delete(stream_states).where(
+                    stream_states.c.workspace_id == ws, stream_states.c.profile_id == absorbed
+                )
+            )
+            conn.execute(
+                insert(stream_recheck).values(workspace_id=ws, profile_id=survivor, replay=True)
+            )
             conn.execute(
                 update(event_inbox)
                 .where(event_inbox.c.workspace_id == ws, event_inbox.c.profile_id == absorbed)

@@ -89,7 +89,7 @@ from waymark.core.ids import new_id, stable_id
 from waymark.hub import Hub
 from waymark.identity.graph import MergePolicy
 from waymark.identity.service import ProfileWriter
-from waymark.ingestion.mover import flush
+from waymark.ingestion.mover import flush_hub
 from waymark.ingestion.payloads import NAMESPACE_PATTERN, Limits, parse_timestamp
 from waymark.ingestion.pipeline import limits_of, policy_of
 from waymark.model.events import (
@@ -104,6 +104,7 @@ from waymark.model.json import to_jsonable
 from waymark.model.schemas import NAME_PATTERN, Schema, validate_attributes
 from waymark.model.schemas import validate_event as schema_validate_event
 from waymark.profiles.schema_store import current_schema
+from waymark.segmentation.live import invalidate as invalidate_streaming
 from waymark.storage.tables import (
     audit_log,
     consents,
@@ -1050,6 +1051,7 @@ def _claim(
                     .where(imports.c.id == row["id"])
                     .values(status="running", actor=actor[:200], finished_at=None)
                 )
+                invalidate_streaming(conn, workspace_id)  # the import changes what they read
                 return _Job(
                     id=row["id"],
                     workspace_id=workspace_id,
@@ -1079,6 +1081,7 @@ def _claim(
                     actor=actor[:200],
                 )
             )
+            invalidate_streaming(conn, workspace_id)  # the import changes what they read
     except IntegrityError:
         raise Conflict(
             f"{path.name} is being imported into this workspace by another process right now"
@@ -1170,6 +1173,8 @@ def _finish(
     )
     now = hub.clock.now()
     with hub.tx() as conn:
+        # streaming audiences are built again from the log, now holding the whole import
+        invalidate_streaming(conn, job.workspace_id)
         conn.execute(
             update(imports)
             .where(imports.c.id == job.id)
@@ -1198,6 +1203,7 @@ def _finish(
 def _mark_failed(hub: Hub, job: _Job) -> None:
     with contextlib.suppress(Exception), hub.tx() as conn:
         conn.execute(update(imports).where(imports.c.id == job.id).values(status="failed"))
+        invalidate_streaming(conn, job.workspace_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3374,7 +3380,7 @@ def _import_events(
         shutil.rmtree(work, ignore_errors=True)
     report = sink.close()
     if job.merged > merges_before and not hub.settings.shared_event_log:
-        flush(hub.engine, hub.events)  # re-point earlier events of absorbed profiles
+        flush_hub(hub)  # re-point earlier events of absorbed profiles
     return _finish(
         hub, job, rows_read=last_row, accepted=accepted, rejected=len(sink.rows), report=report
     )

@@ -12,9 +12,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pyarrow as pa
 from sqlalchemy import Engine, delete, select, text
 
+from waymark.hub import Hub
+from waymark.segmentation.live import RECOVERY_SEQ, Folder, Moved
 from waymark.storage.database import write_tx
 from waymark.storage.eventlog import EVENT_ARROW_SCHEMA, EventLog
 from waymark.storage.hotpath import INBOX_COLUMNS, fetch_rows
@@ -53,41 +56,99 @@ _PG_MOVE = text(
         DELETE FROM event_inbox WHERE seq IN (
             SELECT seq FROM event_inbox ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED)
         RETURNING *
+    ), logged AS (
+        INSERT INTO events (workspace_id, profile_id, message_id, type, name, timestamp,
+            received_at, identities, properties, traits, context, source, flags, previous_id,
+            group_id)
+        SELECT workspace_id, profile_id, message_id, type, name, timestamp, received_at,
+            identities::jsonb, properties::jsonb, traits::jsonb, context::jsonb, source,
+            flags::jsonb, previous_id, group_id
+        FROM moved ORDER BY seq
+        RETURNING workspace_id, profile_id, name, timestamp, seq, properties
     )
-    INSERT INTO events (workspace_id, profile_id, message_id, type, name, timestamp,
-        received_at, identities, properties, traits, context, source, flags, previous_id,
-        group_id)
-    SELECT workspace_id, profile_id, message_id, type, name, timestamp, received_at,
-        identities::jsonb, properties::jsonb, traits::jsonb, context::jsonb, source,
-        flags::jsonb, previous_id, group_id
-    FROM moved ORDER BY seq
+    SELECT workspace_id, profile_id, name, timestamp, seq, properties FROM logged
     """
 )
 
 
-def flush_shared(engine: Engine, *, batch_size: int = 20_000) -> FlushStats:
+def _commit_moved(
+    engine: Engine, folder: Folder | None, table: pa.Table, seqs: list[int], *, upto: int
+) -> None:
+    """Delete the inbox rows up to ``upto`` (now in the log), folding them in that
+    transaction."""
+    prepared = None
+    if folder is not None:
+        with engine.connect() as conn:
+            prepared = folder.prepare(conn, _moved(table, seqs))
+    with write_tx(engine) as conn:
+        if folder is not None and prepared is not None:
+            folder.commit(conn, prepared)
+        conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+
+
+def flush_shared(
+    engine: Engine, *, batch_size: int = 20_000, folder: Folder | None = None
+) -> FlushStats:
     """Server mode: the log shares the state store's PostgreSQL database, so each batch moves
     in one statement (safe with many worker processes: rows locked by another mover, or not
-    yet committed, are left for later). Merges were applied in the merging transaction."""
+    yet committed, are left for later), and ``folder`` folds the moved events into the
+    streaming states in the same transaction. Merges were applied in the merging
+    transaction."""
     moved = 0
     while True:
         with write_tx(engine) as conn:
-            count = conn.execute(_PG_MOVE, {"n": batch_size}).rowcount or 0
-        moved += count
-        if count < batch_size:
+            rows = conn.execute(_PG_MOVE, {"n": batch_size}).all()
+            if folder is not None and rows:
+                events = [Moved(r[0], r[1], r[2], r[3], int(r[4]), r[5] or {}) for r in rows]
+                folder.commit(conn, folder.prepare(conn, events))
+        moved += len(rows)
+        if len(rows) < batch_size:
             return FlushStats(moved, 0)
 
 
+def _moved(table: pa.Table, seqs: list[int]) -> list[Moved]:
+    """The appended rows as the streaming states read them, with their log ``seq``."""
+    columns = [
+        table.column(name).to_pylist()
+        for name in ("workspace_id", "profile_id", "name", "timestamp", "properties")
+    ]
+    return [
+        Moved(ws, pid, name, ts, seq, orjson.loads(props) if props else {})
+        for ws, pid, name, ts, props, seq in zip(*columns, seqs, strict=True)
+    ]
+
+
+def flush_hub(hub: Hub, *, batch_size: int = 20_000) -> FlushStats:
+    """:func:`flush` for ``hub``, folding what moves into the streaming audiences: how every
+    caller in the application moves events, under ``hub.mover_lock`` (one mover at a time:
+    a second one would take the first one's batch for a crash to recover from)."""
+    with hub.mover_lock:
+        return flush(
+            hub.engine,
+            hub.events,
+            batch_size=batch_size,
+            shared=hub.settings.shared_event_log,
+            folder=Folder(hub),
+        )
+
+
 def flush(
-    engine: Engine, events: EventLog, *, batch_size: int = 20_000, shared: bool = False
+    engine: Engine,
+    events: EventLog,
+    *,
+    batch_size: int = 20_000,
+    shared: bool = False,
+    folder: Folder | None = None,
 ) -> FlushStats:
     """Move everything waiting in the inbox to ``events`` and apply pending merges.
 
     With a SQLite state store (one writer at a time, so inbox ``seq`` order is commit order)
     the log's watermarks make each step idempotent; ``shared`` selects :func:`flush_shared`.
+    ``folder`` folds each moved batch into the streaming states in the transaction that
+    deletes it from the inbox (computed just before it), so each event is folded once.
     """
     if shared:
-        return flush_shared(engine, batch_size=batch_size)
+        return flush_shared(engine, batch_size=batch_size, folder=folder)
     moved = 0
     while True:
         done = events.inbox_watermark()
@@ -101,16 +162,20 @@ def flush(
             )
         if rows and int(rows[0][-1]) <= done:
             # rows already in the log (a crash came between the append and the cleanup):
-            # finish their cleanup, then read again
-            with write_tx(engine) as conn:
-                conn.execute(delete(event_inbox).where(event_inbox.c.seq <= done))
+            # fold them (their log seq is not at hand: see live.RECOVERY_SEQ), finish their
+            # cleanup, then read again
+            logged = [r for r in rows if int(r[-1]) <= done]
+            seqs = [RECOVERY_SEQ + int(r[-1]) for r in logged]
+            _commit_moved(engine, folder, _rows_to_arrow(logged), seqs, upto=done)
             continue
         if not rows:
             break
         upto = int(rows[-1][-1])
-        events.append(_rows_to_arrow(rows), marker=("inbox", upto))
-        with write_tx(engine) as conn:
-            conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+        table = _rows_to_arrow(rows)
+        numbered = events.append_numbered(table, marker=("inbox", upto))
+        if numbered is None:  # appended meanwhile by another mover of this log: recover
+            continue
+        _commit_moved(engine, folder, table, numbered, upto=upto)
         moved += len(rows)
         if len(rows) < batch_size:
             break

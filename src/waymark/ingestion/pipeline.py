@@ -6,7 +6,7 @@ from datetime import datetime
 
 from waymark.hub import Hub
 from waymark.identity.graph import MergePolicy
-from waymark.ingestion.mover import FlushStats, flush
+from waymark.ingestion.mover import FlushStats, flush_hub
 from waymark.ingestion.payloads import (
     Limits,
     Parsed,
@@ -106,7 +106,4 @@ class Ingestor:
 
     def flush(self) -> FlushStats:
         """Move acknowledged events from the inbox to the event log."""
-        with self.hub.mover_lock:
-            return flush(
-                self.hub.engine, self.hub.events, shared=self.hub.settings.shared_event_log
-            )
+        return flush_hub(self.hub)

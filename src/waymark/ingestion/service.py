@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection
+from sqlalchemy import Connection, insert
 
 from waymark.core.errors import Issue
 from waymark.identity.graph import IdentityConflict, MergePolicy
@@ -24,6 +24,7 @@ from waymark.model.events import Event, EventType, Identity, ProfileRecord, norm
 from waymark.model.json import unstorable
 from waymark.model.schemas import Schema, validate_attributes, validate_event
 from waymark.storage.hotpath import claim_message_ids, insert_inbox, time_converter
+from waymark.storage.tables import stream_recheck
 
 _CHUNK = 400
 
@@ -314,4 +315,12 @@ def ingest_profiles(
     result.profiles_merged = stats.merged
     result.conflicts = stats.conflicts
     result.profile_ids = sorted({writer.canonical(p) for p in pids})
+    if result.profile_ids:  # no event tells the streaming audiences: queue them a recheck
+        conn.execute(
+            insert(stream_recheck),
+            [
+                {"workspace_id": workspace_id, "profile_id": p, "replay": False}
+                for p in result.profile_ids
+            ],
+        )
     return result

@@ -39,6 +39,7 @@ from waymark.segmentation.lang.check import check, expand, references
 from waymark.segmentation.lang.jsonform import from_json, to_json
 from waymark.segmentation.lang.parser import parse
 from waymark.segmentation.lang.printer import to_text
+from waymark.segmentation.live import decide_modes
 from waymark.storage.hotpath import fetch_rows
 from waymark.storage.tables import (
     audience_changes,
@@ -70,11 +71,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NAME_MAX = 100
-#: Why every audience is evaluated in batch for now: the streaming evaluator exists
-#: (:mod:`waymark.segmentation.compile.streaming`) but ``serve`` does not run it yet.
-BATCH_REASON = (
-    "evaluated in batch: streaming evaluation is not yet run by waymark serve "
-    "(see 'streaming' for whether this definition could be streamed)"
+#: What the streaming mode means, for ``explain``.
+STREAMING_REASON = (
+    "kept up to date event by event by waymark serve: each event, attribute change and timer "
+    "(a window ageing out, a sequence's deadline passing) updates the membership at once"
 )
 
 
@@ -94,6 +94,9 @@ class Audience:
     updated_at: datetime
     created_by: str
     last_run_at: datetime | None
+    #: streaming audiences: "ready" (kept up to date), "building" (states being built from the
+    #: log) or "pending" (waiting for serve to start building); None for batch audiences
+    stream: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +106,7 @@ class Audience:
             "text": to_text(self.definition),
             "definition": to_json(self.definition),
             "mode": self.mode,
+            "stream": self.stream,
             "schedule": self.schedule,
             "version": self.version,
             "created_at": self.created_at.isoformat(),
@@ -126,6 +130,15 @@ def _row_to_audience(row: Any) -> Audience:
         updated_at=row.updated_at,
         created_by=row.created_by,
         last_run_at=row.last_run_at,
+        stream=(
+            None
+            if row.mode != "streaming"
+            else "ready"
+            if row.stream_ready
+            else "building"
+            if row.stream_key is not None
+            else "pending"
+        ),
     )
 
 
@@ -263,6 +276,7 @@ def save_audience(
             .values(version=existing.version + 1, **values)
         )
         action = "audience.update"
+    decide_modes(conn, workspace_id)  # this one's, and those of the audiences containing it
     record_audit(
         conn,
         workspace_id=workspace_id,
@@ -310,6 +324,7 @@ def delete_audience(
             )
         )
     conn.execute(delete(audiences).where(audiences.c.id == target.id))
+    decide_modes(conn, workspace_id)
     record_audit(
         conn,
         workspace_id=workspace_id,
@@ -350,9 +365,8 @@ def explain(
         "text": to_text(expr),
         "definition": to_json(expr),
         "references": sorted(references(expr)),
-        "mode": "batch",
-        "mode_reason": BATCH_REASON,
-        # what the streaming evaluator says of this definition (it is not wired into serve)
+        "mode": "streaming" if verdict.streamable else "batch",
+        "mode_reason": STREAMING_REASON if verdict.streamable else verdict.reason,
         "streaming": {"streamable": verdict.streamable, "reason": verdict.reason},
         "as_of": now.isoformat(),
         "sql": {
@@ -729,6 +743,8 @@ def run_due(hub: Hub, *, now: datetime) -> list[dict[str, Any]]:
         )
     done = []
     for row in rows:
+        if row.mode == "streaming" and row.stream_ready:
+            continue  # kept up to date by serve; its schedule only matters while it builds
         since = max(
             t for t in (row.created_at, row.last_run_at, attempts.get(row.id)) if t is not None
         )

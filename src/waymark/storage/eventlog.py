@@ -141,6 +141,13 @@ class EventLog(Protocol):
         """
         ...
 
+    def append_numbered(
+        self, rows: pa.Table, *, marker: tuple[str, int] | None = None
+    ) -> list[int] | None:
+        """:meth:`append`, returning the ``seq`` given to each row (in row order), or None
+        when the marker says the rows were appended before."""
+        ...
+
     def marker_value(self, key: str) -> int:
         """The value of the watermark ``key`` (0 when never set)."""
         ...
@@ -167,6 +174,13 @@ class EventLog(Protocol):
         self, workspace_id: str, profile_id: str, *, limit: int = 100, before_seq: int | None = None
     ) -> list[LoggedEvent]:
         """The newest events of one profile, newest first."""
+        ...
+
+    def histories(
+        self, workspace_id: str, profile_ids: Sequence[str], names: Iterable[str]
+    ) -> list[tuple[str, str, datetime, int, dict[str, Any]]]:
+        """Every event named one of ``names`` of these profiles, as ``(profile_id, name,
+        timestamp, seq, properties)``, ordered by profile, timestamp and seq."""
         ...
 
     def count(self, workspace_id: str) -> int:
@@ -358,12 +372,18 @@ class DuckDBEventLog:
         )
 
     def append(self, rows: pa.Table, *, marker: tuple[str, int] | None = None) -> int:
+        seqs = self.append_numbered(rows, marker=marker)
+        return 0 if seqs is None else len(seqs)
+
+    def append_numbered(
+        self, rows: pa.Table, *, marker: tuple[str, int] | None = None
+    ) -> list[int] | None:
         rows = conform(rows)
         with self._tx() as cur:
             if marker is not None:
                 key, value = marker
                 if self._meta(cur, key) >= value:
-                    return 0
+                    return None
                 self._set_meta(cur, key, value)
             first = self._meta(cur, "seq") + 1
             self._set_meta(cur, "seq", first + rows.num_rows - 1)
@@ -385,7 +405,7 @@ class DuckDBEventLog:
                 )
             finally:
                 cur.unregister("incoming_rows")
-        return int(rows.num_rows)
+        return list(range(first, first + rows.num_rows))
 
     def marker_value(self, key: str) -> int:
         with self._lock:
@@ -456,6 +476,29 @@ class DuckDBEventLog:
                 [workspace_id, profile_id, before_seq or 2**62, limit],
             ).fetchall()
         return [_row_to_event(r) for r in rows]
+
+    def histories(
+        self, workspace_id: str, profile_ids: Sequence[str], names: Iterable[str]
+    ) -> list[tuple[str, str, datetime, int, dict[str, Any]]]:
+        wanted = sorted(set(names))
+        if not profile_ids or not wanted:
+            return []
+        with self._lock:
+            rows = (
+                self._conn.cursor()
+                .execute(
+                    "SELECT profile_id, name, timestamp, seq, properties FROM events "
+                    "WHERE workspace_id = ? AND profile_id IN (SELECT unnest(?::VARCHAR[])) "
+                    "AND name IN (SELECT unnest(?::VARCHAR[])) "
+                    "ORDER BY profile_id, timestamp, seq",
+                    [workspace_id, list(profile_ids), wanted],
+                )
+                .fetchall()
+            )
+        return [
+            (pid, name, ts, int(seq), orjson.loads(props) if props else {})
+            for pid, name, ts, seq, props in rows
+        ]
 
     def count(self, workspace_id: str) -> int:
         with self._lock:
@@ -561,6 +604,12 @@ class PostgresEventLog:
         return int(value or 0)
 
     def append(self, rows: pa.Table, *, marker: tuple[str, int] | None = None) -> int:
+        seqs = self.append_numbered(rows, marker=marker)
+        return 0 if seqs is None else len(seqs)
+
+    def append_numbered(
+        self, rows: pa.Table, *, marker: tuple[str, int] | None = None
+    ) -> list[int] | None:
         rows = conform(rows)
         records = rows.to_pylist()
         for rec in records:
@@ -570,13 +619,14 @@ class PostgresEventLog:
             if marker is not None:
                 key, value = marker
                 if self._meta(conn, key, lock=True) >= value:
-                    return 0
+                    return None
                 conn.execute(
                     update(log_meta_table).where(log_meta_table.c.key == key).values(value=value)
                 )
-            if records:
-                conn.execute(insert(events_table), records)
-        return len(records)
+            if not records:
+                return []
+            stmt = insert(events_table).returning(events_table.c.seq, sort_by_parameter_order=True)
+            return [int(r[0]) for r in conn.execute(stmt, records)]
 
     def marker_value(self, key: str) -> int:
         with self._engine.connect() as conn:
@@ -649,6 +699,12 @@ class PostgresEventLog:
         with self._engine.connect() as conn:
             return [_row_to_event(tuple(r)) for r in conn.execute(stmt)]
 
+    def histories(
+        self, workspace_id: str, profile_ids: Sequence[str], names: Iterable[str]
+    ) -> list[tuple[str, str, datetime, int, dict[str, Any]]]:
+        with self._engine.connect() as conn:
+            return pg_histories(conn, workspace_id, profile_ids, names)
+
     def count(self, workspace_id: str) -> int:
         with self._engine.connect() as conn:
             stmt = select(func.count()).where(events_table.c.workspace_id == workspace_id)
@@ -695,6 +751,27 @@ class PostgresEventLog:
 
     def close(self) -> None:
         self._engine.dispose()
+
+
+def pg_histories(
+    conn: Any, workspace_id: str, profile_ids: Sequence[str], names: Iterable[str]
+) -> list[tuple[str, str, datetime, int, dict[str, Any]]]:
+    """:meth:`EventLog.histories` of a log in PostgreSQL, read through ``conn`` (so a
+    transaction sees the events it has moved itself)."""
+    wanted = sorted(set(names))
+    if not profile_ids or not wanted:
+        return []
+    t = events_table
+    stmt = (
+        select(t.c.profile_id, t.c.name, t.c.timestamp, t.c.seq, t.c.properties)
+        .where(
+            t.c.workspace_id == workspace_id,
+            t.c.profile_id.in_(list(profile_ids)),
+            t.c.name.in_(wanted),
+        )
+        .order_by(t.c.profile_id, t.c.timestamp, t.c.seq)
+    )
+    return [(r[0], r[1], r[2], int(r[3]), r[4] or {}) for r in conn.execute(stmt)]
 
 
 def open_event_log(url: str, *, memory_mb: int = 256) -> EventLog:

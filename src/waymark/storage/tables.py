@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -302,6 +304,12 @@ audiences = Table(
     Column("updated_at", UtcDateTime, nullable=False),
     Column("created_by", String(200), nullable=False),
     Column("last_run_at", UtcDateTime),
+    # streaming audiences: the key of the compiled definition (expanded) whose states are being
+    # or have been built, how far the build has gone (profile id), and whether it is complete;
+    # a NULL key asks ``waymark serve`` to rebuild (see waymark.segmentation.live)
+    Column("stream_key", String(64)),
+    Column("stream_through", Id),
+    Column("stream_ready", Boolean, nullable=False, default=False, server_default=false()),
     UniqueConstraint("workspace_id", "name"),
 )
 
@@ -353,6 +361,31 @@ audience_runs = Table(
     Index("ix_audience_runs_audience", "workspace_id", "audience_id", "started_at"),
 )
 
+# Streaming audiences: per profile, the JSON states of every streaming audience (audience id ->
+# state) and the earliest instant at which time alone may change one of its memberships.
+stream_states = Table(
+    "stream_states",
+    metadata,
+    Column("workspace_id", Id, primary_key=True),
+    Column("profile_id", Id, primary_key=True),
+    Column("states", Text, nullable=False),
+    Column("due", UtcDateTime),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index("ix_stream_states_due", "due"),
+)
+
+# Profiles whose streaming memberships must be evaluated again: their attributes changed outside
+# the event stream, or (``replay``) their states must be rebuilt from their history (a merge).
+stream_recheck = Table(
+    "stream_recheck",
+    metadata,
+    Column("seq", Big, primary_key=True, autoincrement=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("profile_id", Id, nullable=False),
+    Column("replay", Boolean, nullable=False),
+    sqlite_autoincrement=True,
+)
+
 #: Tables holding data about a person, with the column naming that person's profile. The
 #: privacy deletion test walks every table of ``metadata`` and requires each to be listed here
 #: or in ``PERSON_FREE_TABLES``, so a new table cannot silently escape deletion.
@@ -364,6 +397,8 @@ PERSON_TABLES: dict[str, str] = {
     "profile_merges": "survivor_id",
     "audience_members": "profile_id",
     "audience_changes": "profile_id",
+    "stream_states": "profile_id",
+    "stream_recheck": "profile_id",
 }
 PERSON_FREE_TABLES: frozenset[str] = frozenset(
     {

@@ -105,7 +105,7 @@ import hashlib
 import math
 import operator
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Protocol, TypeAlias
@@ -666,6 +666,8 @@ class _EventNode(_Node):
         self.cap = cap
         self.bounds = _bounds(ref.window, events=True)
         self.match = _matcher(ref)
+        #: the names of the events this node reads
+        self.names: frozenset[str] = frozenset({ref.name})
 
     def accepts(self, event: MemoryEvent, x: int) -> bool:
         return self.bounds.fixed_ok(x) and self.match(event)
@@ -1012,6 +1014,7 @@ class _SequenceNode(_EventNode):
             raise ValueError("a sequence has at least two steps")
         super().__init__(index, node.steps[0], cap)
         self.steps = tuple(_matcher(step) for step in node.steps)
+        self.names = frozenset(step.name for step in node.steps)
         self.within = _span(node.within)
         self.absent = node.absent_last
         #: Positive with a fixed first-step window: a chain, once it counts, counts forever,
@@ -1191,6 +1194,16 @@ def _event_refs(expr: Expr) -> Iterator[EventRef]:
         yield from expr.steps
 
 
+def _reads_profile(expr: Expr) -> bool:
+    """Whether evaluating ``expr`` reads the profile (attributes, consents, or the time zone a
+    picked event's value may be read in)."""
+    if isinstance(expr, And | Or):
+        return any(_reads_profile(item) for item in expr.items)
+    if isinstance(expr, Not):
+        return _reads_profile(expr.item)
+    return isinstance(expr, Attr | Consent | Pick)
+
+
 def _moving_test(node: Filter) -> Prop | None:
     """A property test of ``node`` whose result depends on the moment of evaluation."""
     if isinstance(node, Prop):
@@ -1270,6 +1283,17 @@ class StreamingAudience:
         self._events: list[_EventNode] = []
         self._root = self._compile(expr)
         self._definition = hashlib.sha256(repr(expr).encode()).hexdigest()[:16]
+        #: identifies the definition (and so its states): equal keys, interchangeable states
+        self.key: str = f"{_VERSION}:{max_events}:{self._definition}"
+        #: the event names whose events can change a state of this audience
+        self.names: frozenset[str] = frozenset(ref.name for ref in _event_refs(expr))
+        #: whether the answer reads the profile's attributes or consents (else only events)
+        self.reads_profile: bool = _reads_profile(expr)
+        by_name: dict[str, list[_EventNode]] = {}
+        for node in self._events:
+            for name in node.names:
+                by_name.setdefault(name, []).append(node)
+        self._by_name = by_name
 
     def _compile(self, node: Expr) -> _Node:
         index, cap = len(self._events), self.max_events
@@ -1333,6 +1357,28 @@ class StreamingAudience:
         new_slots = list(slots)
         for node in self._events:
             new_slots[node.index] = node.add(slots[node.index], event, x, w)
+        return {"v": _VERSION, "f": self._definition, "w": w, "n": new_slots}
+
+    def on_events(self, state: State, events: Iterable[MemoryEvent], *, now: datetime) -> State:
+        """``state`` with every one of ``events`` folded in (as :meth:`on_event` one by one,
+        at the same ``now``); the same object when none of them concerns this audience."""
+        nodes_of = self._by_name
+        slots: list[Any] | None = None
+        new_slots: list[Any] = []
+        w = 0
+        for event in events:
+            nodes = nodes_of.get(event.name)
+            if not nodes:
+                continue
+            if slots is None:
+                slots = self._slots(state)
+                new_slots = list(slots)
+                w = _micros(now) if state["w"] is None else max(state["w"], _micros(now))
+            x = _micros(event.timestamp)
+            for node in nodes:
+                new_slots[node.index] = node.add(new_slots[node.index], event, x, w)
+        if slots is None:
+            return state
         return {"v": _VERSION, "f": self._definition, "w": w, "n": new_slots}
 
     def _context(self, state: State, profile: ProfileView, now: datetime) -> tuple[Any, _Context]:

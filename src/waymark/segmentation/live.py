@@ -1,0 +1,862 @@
+"""Streaming audiences, kept up to date as events arrive (``waymark serve``).
+
+Where it sits: acknowledged events wait in the state store's inbox until the mover
+(:mod:`waymark.ingestion.mover`) appends them to the event log. The mover hands every batch it
+moves to :class:`Folder`, which folds the events into the streaming states of their profiles
+and writes the membership changes *in the transaction that removes those events from the
+inbox*: each acknowledged event is folded exactly once, whatever crashes. Computing happens
+before that transaction (:meth:`Folder.prepare`; SQLite allows one writer, and ingestion must
+not wait for Python), writing in it (:meth:`Folder.commit`), which re-reads what another writer
+may have changed meanwhile (merged or deleted profiles, memberships).
+
+State: one ``stream_states`` row per profile holds, per streaming audience, the evaluator's
+JSON state (:mod:`.compile.streaming`) and the instant at which time alone may change that
+membership; the row's ``due`` is the earliest of them. :func:`maintain` (run by ``serve`` after
+each move) fires due timers, re-evaluates profiles queued in ``stream_recheck`` (a merge asks
+for the survivor's states to be rebuilt from its history) and builds the states of audiences
+that are new, changed or invalidated (a file import appends to the log directly), a chunk of
+profiles at a time. While an audience is being built, profiles beyond its build cursor are
+neither folded nor evaluated for it (their memberships stay as they are until the build reaches
+them); the build reads the log, which holds exactly the events already folded (the maintenance
+runs after a move completes, under the mover's lock).
+
+When a state cannot answer (:class:`~.compile.streaming.StateOverflow`: more events in a window
+than the state keeps), that profile is evaluated by the in-memory evaluator over its whole
+history from the log: exact, slower.
+
+Ties: an event's ``seq`` in the states is its log ``seq``; events folded while recovering from a
+crash between the log append and the inbox cleanup carry ``RECOVERY_SEQ + inbox seq`` (they are
+in the log, but their log ``seq`` is not at hand), which orders them after every event already
+in the log, as the log does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from operator import attrgetter
+from typing import Any, Final
+
+import orjson
+from sqlalchemy import Connection, delete, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from waymark.core.errors import InvalidInput
+from waymark.hub import Hub
+from waymark.profiles.schema_store import current_schema
+from waymark.segmentation.compile.memory import (
+    CompiledAudience,
+    MemoryEvent,
+    PreparedProfile,
+    ProfileData,
+    compile_memory,
+)
+from waymark.segmentation.compile.streaming import (
+    State,
+    StateOverflow,
+    StreamingAudience,
+    compile_streaming,
+)
+from waymark.segmentation.compile.streaming import plan as streaming_plan
+from waymark.segmentation.lang import ast
+from waymark.segmentation.lang.check import check, expand
+from waymark.segmentation.lang.jsonform import from_json
+from waymark.storage.eventlog import EventLog, pg_histories
+from waymark.storage.tables import (
+    audience_changes,
+    audience_members,
+    audiences,
+    consents,
+    profiles,
+    stream_recheck,
+    stream_states,
+)
+
+__all__ = [
+    "RECOVERY_SEQ",
+    "Folder",
+    "Moved",
+    "decide_modes",
+    "invalidate",
+    "maintain",
+    "recheck_mark",
+    "stream_status",
+]
+
+log = logging.getLogger(__name__)
+
+#: Base of the ``seq`` of events folded while recovering from a crash (see the module text).
+RECOVERY_SEQ: Final = 1 << 40
+#: Profiles per chunk of a build, of the timers fired and of the recheck queue in one step.
+CHUNK: Final = 2000
+#: Events a streaming state keeps per condition before it answers "evaluate in batch".
+MAX_EVENTS: Final = 1000
+#: The advisory lock that serialises streaming work on PostgreSQL (several processes may move).
+_PG_LOCK: Final = 727_002
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """One event moved into the log, as the states need it."""
+
+    workspace_id: str
+    profile_id: str
+    name: str
+    timestamp: datetime
+    seq: int
+    properties: Mapping[str, Any]
+
+
+# -- the streaming audiences of a workspace ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """A streaming audience as ``serve`` runs it."""
+
+    id: str
+    workspace_id: str
+    name: str
+    compiled: StreamingAudience
+    memory: CompiledAudience
+    #: the build: the key stored with it, how far it went, whether it is complete
+    built_key: str | None
+    through: str | None
+    ready: bool
+
+    def covers(self, profile_id: str) -> bool:
+        """Whether this profile's state for the audience is built (so it is kept up to date)."""
+        if self.built_key != self.compiled.key:
+            return False
+        return self.ready or (self.through is not None and profile_id <= self.through)
+
+
+_compiled: dict[tuple[str, str], tuple[StreamingAudience, CompiledAudience]] = {}
+
+
+_expansions: dict[tuple[Any, ...], dict[str, ast.Expr | None]] = {}
+
+
+def _expanded_all(conn: Connection, workspace_id: str) -> dict[str, tuple[Any, ast.Expr | None]]:
+    """Every audience of the workspace: its row and its definition expanded and checked
+    against the schema in force (None when that fails: the schema changed under it). The
+    expansions are cached by the audiences' versions and the schema's."""
+    rows = conn.execute(select(audiences).where(audiences.c.workspace_id == workspace_id)).all()
+    version = current_schema(conn, workspace_id)
+    key = (workspace_id, version.version, tuple(sorted((r.id, r.version) for r in rows)))
+    fulls = _expansions.get(key)
+    if fulls is None:
+        definitions = {r.name: from_json(r.definition) for r in rows}
+        fulls = {}
+        for r in rows:
+            try:
+                fulls[r.name] = check(expand(definitions[r.name], definitions), version.schema)
+            except InvalidInput:
+                fulls[r.name] = None
+        if len(_expansions) > 256:
+            _expansions.clear()
+        _expansions[key] = fulls
+    return {r.name: (r, fulls.get(r.name)) for r in rows}
+
+
+def _mode_of(full: ast.Expr | None) -> str:
+    return "streaming" if full is not None and streaming_plan(full).streamable else "batch"
+
+
+def decide_modes(conn: Connection, workspace_id: str) -> None:
+    """Store each audience's evaluation mode: streaming when its expanded definition can be
+    streamed, else batch. Call after any audience of the workspace changes (a change of one
+    audience changes the expansion of those that contain it)."""
+    for row, full in _expanded_all(conn, workspace_id).values():
+        mode = _mode_of(full)
+        if mode != row.mode:
+            conn.execute(update(audiences).where(audiences.c.id == row.id).values(mode=mode))
+
+
+def live_audiences(conn: Connection, workspace_id: str) -> list[Live]:
+    """The workspace's streaming audiences, compiled (cached by definition)."""
+    found: list[Live] = []
+    for row, full in _expanded_all(conn, workspace_id).values():
+        if row.mode != "streaming" or _mode_of(full) != "streaming":
+            continue
+        assert full is not None
+        cache_key = (row.id, repr(full))
+        compiled = _compiled.get(cache_key)
+        if compiled is None:
+            if len(_compiled) > 4096:
+                _compiled.clear()
+            compiled = (compile_streaming(full, max_events=MAX_EVENTS), compile_memory(full))
+            _compiled[cache_key] = compiled
+        found.append(
+            Live(
+                id=row.id,
+                workspace_id=workspace_id,
+                name=row.name,
+                compiled=compiled[0],
+                memory=compiled[1],
+                built_key=row.stream_key,
+                through=row.stream_through,
+                ready=bool(row.stream_ready) and row.stream_key == compiled[0].key,
+            )
+        )
+    return found
+
+
+def invalidate(conn: Connection, workspace_id: str) -> None:
+    """Ask for every streaming audience of the workspace to be built again from the log (events
+    reached it other than through the inbox: a file import)."""
+    conn.execute(
+        update(audiences)
+        .where(audiences.c.workspace_id == workspace_id, audiences.c.mode == "streaming")
+        .values(stream_key=None, stream_through=None, stream_ready=False)
+    )
+
+
+def stream_status(conn: Connection, workspace_id: str, audience_id: str) -> dict[str, Any]:
+    """How far the streaming states of an audience are built: ``ready`` (kept up to date event
+    by event), ``building`` (with the share of profiles done) or ``pending``."""
+    row = conn.execute(
+        select(audiences.c.stream_key, audiences.c.stream_through, audiences.c.stream_ready).where(
+            audiences.c.id == audience_id
+        )
+    ).first()
+    if row is None or row.stream_key is None:
+        return {"state": "pending"}
+    if row.stream_ready:
+        return {"state": "ready"}
+    total = conn.execute(
+        select(func.count()).select_from(profiles).where(profiles.c.workspace_id == workspace_id)
+    ).scalar_one()
+    done = 0
+    if row.stream_through is not None:
+        done = conn.execute(
+            select(func.count())
+            .select_from(profiles)
+            .where(profiles.c.workspace_id == workspace_id, profiles.c.id <= row.stream_through)
+        ).scalar_one()
+    return {"state": "building", "profiles_done": int(done), "profiles": int(total)}
+
+
+# -- per-profile state rows --------------------------------------------------------------------
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(moment: datetime) -> int:
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _moment(micros: int) -> datetime:
+    from datetime import timedelta
+
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+@dataclass(slots=True)
+class _Profile:
+    """What one profile's evaluation reads: current attributes and consents."""
+
+    attributes: Mapping[str, Any]
+    consents: dict[tuple[str, str], str]
+
+
+@dataclass(slots=True)
+class _Work:
+    """States and answers computed for one workspace, waiting to be written."""
+
+    workspace_id: str
+    #: profile -> audience id -> {"s": state, "d": due micros or None}
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (audience id, profile id) -> member now
+    answers: dict[tuple[str, str], bool] = field(default_factory=dict)
+    #: build progress to store: audience id -> (key, through, ready)
+    builds: dict[str, tuple[str, str | None, bool]] = field(default_factory=dict)
+
+
+def _chunks(items: Sequence[str], size: int = 900) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _load_rows(conn: Connection, workspace_id: str, ids: Sequence[str]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for part in _chunks(ids):
+        for pid, states in conn.execute(
+            select(stream_states.c.profile_id, stream_states.c.states).where(
+                stream_states.c.workspace_id == workspace_id,
+                stream_states.c.profile_id.in_(list(part)),
+            )
+        ):
+            found[pid] = orjson.loads(states)
+    return found
+
+
+def _load_profiles(conn: Connection, workspace_id: str, ids: Sequence[str]) -> dict[str, _Profile]:
+    found: dict[str, _Profile] = {}
+    for part in _chunks(ids):
+        for pid, attributes in conn.execute(
+            select(profiles.c.id, profiles.c.attributes).where(
+                profiles.c.workspace_id == workspace_id, profiles.c.id.in_(list(part))
+            )
+        ):
+            found[pid] = _Profile(attributes or {}, {})
+        for pid, channel, purpose, status in conn.execute(
+            select(
+                consents.c.profile_id, consents.c.channel, consents.c.purpose, consents.c.status
+            ).where(consents.c.workspace_id == workspace_id, consents.c.profile_id.in_(list(part)))
+        ):
+            profile = found.get(pid)
+            if profile is not None:
+                profile.consents[(channel, purpose)] = status
+    return found
+
+
+class _Evaluator:
+    """Evaluates streaming audiences for profiles of one workspace at one instant."""
+
+    def __init__(
+        self,
+        audiences_: list[Live],
+        *,
+        now: datetime,
+        history: Any,
+    ) -> None:
+        self.audiences = audiences_
+        self.ids = frozenset(a.id for a in audiences_)
+        self.now = now
+        self.history = history  # (profile ids, names) -> list of history tuples
+
+    def answer(
+        self, live: Live, state: State, profile: _Profile, pid: str
+    ) -> tuple[bool, int | None]:
+        """(member now, next change in micros) for one profile."""
+        compiled = live.compiled
+        now = self.now
+        watermark = compiled.watermark(state)
+        if watermark is not None and watermark > now:  # the clock went back: ask at the mark
+            now = watermark
+        try:
+            member = compiled.member(state, profile, now)
+        except StateOverflow:
+            member = self._from_history(live, pid, profile)
+        turn = compiled.next_change(state, profile, now)
+        return member, None if turn is None else _micros(turn)
+
+    def _from_history(self, live: Live, pid: str, profile: _Profile) -> bool:
+        events = [
+            MemoryEvent(name, ts, seq, props)
+            for _pid, name, ts, seq, props in self.history([pid], live.compiled.names)
+        ]
+        data = ProfileData(profile.attributes, events, profile.consents)
+        return live.memory.run(PreparedProfile(data, self.now))
+
+
+_ORDER: Final = attrgetter("timestamp", "seq")
+
+
+def _events_of(
+    rows: Iterable[tuple[str, str, datetime, int, dict[str, Any]]],
+) -> dict[str, list[MemoryEvent]]:
+    by_profile: dict[str, list[MemoryEvent]] = defaultdict(list)
+    for pid, name, ts, seq, props in rows:
+        by_profile[pid].append(MemoryEvent(name, ts, seq, props))
+    return by_profile
+
+
+def _valid_state(live: Live, entry: Any) -> State | None:
+    if not isinstance(entry, dict):
+        return None
+    state = entry.get("s")
+    if not isinstance(state, dict):
+        return None
+    try:
+        live.compiled.watermark(state)
+    except ValueError:  # a state of an older definition
+        return None
+    return state
+
+
+def _evaluate_profile(
+    work: _Work,
+    evaluator: _Evaluator,
+    pid: str,
+    profile: _Profile,
+    stored: dict[str, Any] | None,
+    *,
+    events: list[MemoryEvent] | None = None,
+    history: list[MemoryEvent] | None = None,
+    replay: Collection[str] = (),
+    recheck: bool = False,
+) -> None:
+    """Bring one profile's streaming states and answers up to date in ``work``.
+
+    ``events``: new events, folded into the state of every audience that covers the profile.
+    ``replay``: audiences whose states are rebuilt from ``history`` (the profile's whole history
+    of their event names). An audience is evaluated when its state changed, when it reads the
+    profile and the profile had new events (its attributes may have changed with them), when
+    ``recheck`` asks, or when the profile was never seen before (no row)."""
+    entries: dict[str, Any] = {k: v for k, v in (stored or {}).items() if k in evaluator.ids}
+    changed = stored is None or len(entries) != len(stored)
+    recheck = recheck or stored is None
+    new_events = sorted(events or (), key=_ORDER)
+    past = sorted(history or (), key=_ORDER)
+    now = evaluator.now
+    for live in evaluator.audiences:
+        rebuilding = live.id in replay
+        if not rebuilding and not live.covers(pid):
+            continue
+        compiled = live.compiled
+        if rebuilding:
+            state = compiled.on_events(compiled.new_state(), past, now=now)
+            touched = True
+        else:
+            old = _valid_state(live, entries.get(live.id))
+            base = old if old is not None else compiled.new_state()
+            state = compiled.on_events(base, new_events, now=now) if new_events else base
+            touched = state is not base
+        if not (touched or recheck or (compiled.reads_profile and new_events)):
+            continue
+        member, due = evaluator.answer(live, state, profile, pid)
+        work.answers[(live.id, pid)] = member
+        changed = True
+        if state["w"] is None and due is None:
+            entries.pop(live.id, None)  # nothing to keep: the empty state answers the same
+        else:
+            entries[live.id] = {"s": state, "d": due}
+    if changed:
+        work.rows[pid] = entries
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def _upsert(conn: Connection) -> Any:
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert
+
+
+def _write(conn: Connection, work: _Work, *, now: datetime) -> tuple[int, int]:
+    """Write ``work`` in the caller's transaction: state rows of profiles that still exist,
+    membership changes against the membership as it is now; returns (realized, exited)."""
+    ws = work.workspace_id
+    ids = sorted({*work.rows, *(p for _a, p in work.answers)})
+    alive: set[str] = set()
+    for part in _chunks(ids):
+        alive.update(
+            conn.execute(
+                select(profiles.c.id).where(
+                    profiles.c.workspace_id == ws, profiles.c.id.in_(list(part))
+                )
+            ).scalars()
+        )
+    gone = [p for p in ids if p not in alive]
+    for part in _chunks(gone):
+        conn.execute(
+            delete(stream_states).where(
+                stream_states.c.workspace_id == ws, stream_states.c.profile_id.in_(list(part))
+            )
+        )
+    upsert = _upsert(conn)(stream_states)
+    values = []
+    for pid, entries in work.rows.items():
+        if pid not in alive:
+            continue
+        dues = [e["d"] for e in entries.values() if e.get("d") is not None]
+        values.append(
+            {
+                "workspace_id": ws,
+                "profile_id": pid,
+                "states": orjson.dumps(entries).decode(),
+                "due": _moment(min(dues)) if dues else None,
+                "updated_at": now,
+            }
+        )
+    for start in range(0, len(values), 500):
+        stmt = upsert.values(values[start : start + 500])
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["workspace_id", "profile_id"],
+                set_={
+                    "states": stmt.excluded.states,
+                    "due": stmt.excluded.due,
+                    "updated_at": stmt.excluded.updated_at,
+                },
+            )
+        )
+    realized = exited = 0
+    answers = {k: v for k, v in work.answers.items() if k[1] in alive}
+    if answers:
+        current: dict[tuple[str, str], str] = {}
+        answered = sorted({p for _a, p in answers})
+        for part in _chunks(answered):
+            for aid, pid, status in conn.execute(
+                select(
+                    audience_members.c.audience_id,
+                    audience_members.c.profile_id,
+                    audience_members.c.status,
+                ).where(
+                    audience_members.c.workspace_id == ws,
+                    audience_members.c.profile_id.in_(list(part)),
+                )
+            ):
+                current[(aid, pid)] = status
+        entering = []
+        leaving: dict[str, list[str]] = defaultdict(list)
+        changes = []
+        for (aid, pid), member in sorted(answers.items()):
+            held = current.get((aid, pid)) == "realized"
+            if member and not held:
+                entering.append(
+                    {
+                        "workspace_id": ws,
+                        "audience_id": aid,
+                        "profile_id": pid,
+                        "status": "realized",
+                        "realized_at": now,
+                        "exited_at": None,
+                    }
+                )
+                changes.append((aid, pid, "realized"))
+            elif held and not member:
+                leaving[aid].append(pid)
+                changes.append((aid, pid, "exited"))
+        ins = _upsert(conn)(audience_members)
+        for start in range(0, len(entering), 500):
+            stmt = ins.values(entering[start : start + 500])
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["workspace_id", "audience_id", "profile_id"],
+                    set_={
+                        "status": "realized",
+                        "realized_at": stmt.excluded.realized_at,
+                        "exited_at": None,
+                    },
+                )
+            )
+        for aid, pids in leaving.items():
+            for part in _chunks(pids):
+                conn.execute(
+                    update(audience_members)
+                    .where(
+                        audience_members.c.workspace_id == ws,
+                        audience_members.c.audience_id == aid,
+                        audience_members.c.profile_id.in_(list(part)),
+                    )
+                    .values(status="exited", exited_at=now)
+                )
+        if changes:
+            conn.execute(
+                insert(audience_changes),
+                [
+                    {
+                        "workspace_id": ws,
+                        "audience_id": aid,
+                        "profile_id": pid,
+                        "change": change,
+                        "at": now,
+                        "run_id": None,
+                    }
+                    for aid, pid, change in changes
+                ],
+            )
+        realized = len(entering)
+        exited = sum(len(p) for p in leaving.values())
+    for aid, (key, through, ready) in work.builds.items():
+        conn.execute(
+            update(audiences)
+            .where(audiences.c.id == aid)
+            .values(stream_key=key, stream_through=through, stream_ready=ready)
+        )
+    return realized, exited
+
+
+def _lock(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(text(f"SELECT pg_advisory_xact_lock({_PG_LOCK})"))
+
+
+# -- folding moved events ----------------------------------------------------------------------
+
+
+class Folder:
+    """The mover's partner: folds each moved batch into the streaming states.
+
+    ``prepare`` computes (it only reads, through ``conn``), ``commit`` writes in the
+    transaction that removes the events from the inbox. On PostgreSQL both run in that one
+    transaction (the moved rows are only visible inside it)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def history_reader(self, conn: Connection) -> Any:
+        events: EventLog = self.hub.events
+
+        def read(ws: str) -> Any:
+            def rows(ids: Sequence[str], names: Iterable[str]) -> list[Any]:
+                if events.dialect == "postgres" and self.hub.settings.shared_event_log:
+                    return pg_histories(conn, ws, ids, names)
+                return events.histories(ws, ids, names)
+
+            return rows
+
+        return read
+
+    def prepare(self, conn: Connection, moved: Sequence[Moved]) -> list[_Work]:
+        """The states and answers after ``moved``, per workspace (nothing is written)."""
+        now = self.hub.clock.now()
+        by_ws: dict[str, dict[str, list[MemoryEvent]]] = defaultdict(lambda: defaultdict(list))
+        for m in moved:
+            by_ws[m.workspace_id][m.profile_id].append(
+                MemoryEvent(m.name, m.timestamp, m.seq, m.properties)
+            )
+        reader = self.history_reader(conn)
+        out = []
+        for ws, events in by_ws.items():
+            lives = live_audiences(conn, ws)
+            if not lives:
+                continue
+            ids = sorted(events)
+            work = _Work(ws)
+            evaluator = _Evaluator(lives, now=now, history=reader(ws))
+            stored = _load_rows(conn, ws, ids)
+            people = _load_profiles(conn, ws, ids)
+            for pid in ids:
+                profile = people.get(pid)
+                if profile is None:  # deleted or merged away meanwhile
+                    continue
+                _evaluate_profile(
+                    work, evaluator, pid, profile, stored.get(pid), events=events[pid]
+                )
+            out.append(work)
+        return out
+
+    def commit(self, conn: Connection, works: Sequence[_Work]) -> None:
+        """Write what :meth:`prepare` computed, in the caller's transaction."""
+        if not works:
+            return
+        _lock(conn)
+        now = self.hub.clock.now()
+        for work in works:
+            realized, exited = _write(conn, work, now=now)
+            if realized or exited:
+                log.debug(
+                    "streaming memberships",
+                    extra={"workspace": work.workspace_id, "realized": realized, "exited": exited},
+                )
+
+
+# -- maintenance: timers, rechecks, builds -----------------------------------------------------
+
+
+def _timers(hub: Hub, folder: Folder, now: datetime) -> int:
+    """Evaluate every profile whose timer is due; returns how many."""
+    with hub.engine.connect() as conn:
+        due = conn.execute(
+            select(stream_states.c.workspace_id, stream_states.c.profile_id)
+            .where(stream_states.c.due <= now)
+            .order_by(stream_states.c.due)
+            .limit(CHUNK)
+        ).all()
+    if not due:
+        return 0
+    by_ws: dict[str, list[str]] = defaultdict(list)
+    for ws, pid in due:
+        by_ws[ws].append(pid)
+    with hub.tx() as conn:
+        _lock(conn)
+        reader = folder.history_reader(conn)
+        for ws, ids in by_ws.items():
+            ids.sort()
+            lives = live_audiences(conn, ws)
+            work = _Work(ws)
+            evaluator = _Evaluator(lives, now=now, history=reader(ws))
+            stored = _load_rows(conn, ws, ids)
+            people = _load_profiles(conn, ws, ids)
+            micros = _micros(now)
+            for pid in ids:
+                profile = people.get(pid)
+                entries = stored.get(pid)
+                if profile is None or entries is None:
+                    work.rows[pid] = {}
+                    continue
+                kept = dict(entries)
+                for live in lives:
+                    entry = kept.get(live.id)
+                    if entry is None or entry.get("d") is None or entry["d"] > micros:
+                        continue
+                    state = _valid_state(live, entry)
+                    if state is None or not live.covers(pid):
+                        kept.pop(live.id, None)
+                        continue
+                    member, turn = evaluator.answer(live, state, profile, pid)
+                    work.answers[(live.id, pid)] = member
+                    kept[live.id] = {"s": state, "d": turn}
+                live_ids = {a.id for a in lives}
+                work.rows[pid] = {k: v for k, v in kept.items() if k in live_ids}
+            _write(conn, work, now=now)
+    return len(due)
+
+
+def _rechecks(hub: Hub, folder: Folder, now: datetime, upto: int) -> int:
+    """Evaluate the profiles queued in ``stream_recheck`` (up to ``seq <= upto``)."""
+    with hub.engine.connect() as conn:
+        queued = conn.execute(
+            select(
+                stream_recheck.c.seq,
+                stream_recheck.c.workspace_id,
+                stream_recheck.c.profile_id,
+                stream_recheck.c.replay,
+            )
+            .where(stream_recheck.c.seq <= upto)
+            .order_by(stream_recheck.c.seq)
+            .limit(CHUNK)
+        ).all()
+    if not queued:
+        return 0
+    by_ws: dict[str, dict[str, bool]] = defaultdict(dict)
+    for _seq, ws, pid, replay in queued:
+        by_ws[ws][pid] = by_ws[ws].get(pid, False) or bool(replay)
+    with hub.tx() as conn:
+        _lock(conn)
+        reader = folder.history_reader(conn)
+        for ws, wanted in by_ws.items():
+            lives = live_audiences(conn, ws)
+            if lives:
+                _rebuild_profiles(conn, ws, lives, sorted(wanted), reader(ws), now, replay=wanted)
+        conn.execute(delete(stream_recheck).where(stream_recheck.c.seq <= queued[-1][0]))
+    return len(queued)
+
+
+def _rebuild_profiles(
+    conn: Connection,
+    ws: str,
+    lives: list[Live],
+    ids: list[str],
+    history: Any,
+    now: datetime,
+    *,
+    replay: Mapping[str, bool] | None = None,
+    build: Collection[str] = (),
+) -> None:
+    """Evaluate ``ids`` again and write the result: audiences in ``build`` are replayed from
+    each profile's history; a profile with ``replay[pid]`` has every audience that covers it
+    replayed; the others are re-evaluated from their states."""
+    work = _Work(ws)
+    evaluator = _Evaluator(lives, now=now, history=history)
+    stored = _load_rows(conn, ws, ids)
+    people = _load_profiles(conn, ws, ids)
+    replay = replay or {}
+    readers = [p for p in ids if build or replay.get(p)]
+    names: set[str] = set()
+    for live in lives:
+        names |= live.compiled.names
+    past = _events_of(history(readers, names)) if readers else {}
+    for pid in ids:
+        profile = people.get(pid)
+        if profile is None:
+            continue
+        if replay.get(pid):
+            again = {a.id for a in lives if a.covers(pid) or a.id in build}
+        else:
+            again = set(build)
+        _evaluate_profile(
+            work,
+            evaluator,
+            pid,
+            profile,
+            stored.get(pid),
+            history=past.get(pid, []),
+            replay=again,
+            recheck=not build or bool(replay.get(pid)),
+        )
+    _write(conn, work, now=now)
+
+
+def _builds(hub: Hub, folder: Folder, now: datetime) -> int:
+    """Advance the build of streaming audiences that are not ready by one chunk of profiles;
+    returns how many profiles were built."""
+    with hub.engine.connect() as conn:
+        workspaces = list(
+            conn.execute(
+                select(audiences.c.workspace_id)
+                .where(audiences.c.mode == "streaming", audiences.c.stream_ready.is_(False))
+                .distinct()
+            ).scalars()
+        )
+        ready_but_stale = list(
+            conn.execute(
+                select(audiences.c.workspace_id)
+                .where(audiences.c.mode == "streaming", audiences.c.stream_ready.is_(True))
+                .distinct()
+            ).scalars()
+        )
+    done = 0
+    for ws in sorted({*workspaces, *ready_but_stale}):
+        with hub.tx() as conn:
+            _lock(conn)
+            lives = live_audiences(conn, ws)
+            pending = [a for a in lives if not (a.ready and a.built_key == a.compiled.key)]
+            if not pending:
+                continue
+            # restart those whose definition changed; build the furthest-behind group first
+            for a in pending:
+                if a.built_key != a.compiled.key:
+                    conn.execute(
+                        update(audiences)
+                        .where(audiences.c.id == a.id)
+                        .values(stream_key=a.compiled.key, stream_through=None, stream_ready=False)
+                    )
+            lives = live_audiences(conn, ws)
+            pending = [a for a in lives if not a.ready]
+            if not pending:
+                continue
+            through = min(a.through or "" for a in pending)
+            group = [a for a in pending if (a.through or "") == through]
+            ids = list(
+                conn.execute(
+                    select(profiles.c.id)
+                    .where(profiles.c.workspace_id == ws, profiles.c.id > through)
+                    .order_by(profiles.c.id)
+                    .limit(CHUNK)
+                ).scalars()
+            )
+            reader = folder.history_reader(conn)
+            if ids:
+                built = {a.id for a in group}
+                _rebuild_profiles(conn, ws, lives, ids, reader(ws), now, build=built)
+            finished = len(ids) < CHUNK
+            for a in group:
+                conn.execute(
+                    update(audiences)
+                    .where(audiences.c.id == a.id)
+                    .values(
+                        stream_key=a.compiled.key,
+                        stream_through=None if finished else ids[-1],
+                        stream_ready=finished,
+                    )
+                )
+            done += len(ids)
+    return done
+
+
+def recheck_mark(hub: Hub) -> int:
+    """The newest entry of the recheck queue: read it *before* a move, so that the merges
+    behind the entries up to it are applied to the log by that move."""
+    with hub.engine.connect() as conn:
+        return int(conn.execute(select(func.max(stream_recheck.c.seq))).scalar() or 0)
+
+
+def maintain(hub: Hub, *, recheck_upto: int, folder: Folder | None = None) -> dict[str, int]:
+    """One round of streaming upkeep, right after a move, under ``hub.mover_lock``: the
+    rechecks queued up to ``recheck_upto`` (:func:`recheck_mark`, read before the move), the
+    due timers, one chunk of each pending build."""
+    folder = folder or Folder(hub)
+    now = hub.clock.now()
+    return {
+        "rechecked": _rechecks(hub, folder, now, recheck_upto),
+        "timers": _timers(hub, folder, now),
+        "built": _builds(hub, folder, now),
+    }
