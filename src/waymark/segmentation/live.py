@@ -41,7 +41,7 @@ from operator import attrgetter
 from typing import Any, Final
 
 import orjson
-from sqlalchemy import Connection, delete, func, insert, select, text, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waymark.core.errors import InvalidInput
@@ -56,7 +56,6 @@ from waymark.segmentation.compile.memory import (
 )
 from waymark.segmentation.compile.streaming import (
     State,
-    StateOverflow,
     StreamingAudience,
     compile_streaming,
 )
@@ -262,6 +261,7 @@ class _Profile:
 
     attributes: Mapping[str, Any]
     consents: dict[tuple[str, str], str]
+    updated_at: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -269,8 +269,8 @@ class _Work:
     """States and answers computed for one workspace, waiting to be written."""
 
     workspace_id: str
-    #: profile -> audience id -> {"s": state, "d": due micros or None}
-    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: profile -> (audience id -> {"s": state, "d": due micros or None}, profile updated_at)
+    rows: dict[str, tuple[dict[str, Any], datetime | None]] = field(default_factory=dict)
     #: (audience id, profile id) -> member now
     answers: dict[tuple[str, str], bool] = field(default_factory=dict)
     #: build progress to store: audience id -> (key, through, ready)
@@ -282,28 +282,30 @@ def _chunks(items: Sequence[str], size: int = 900) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
-def _load_rows(conn: Connection, workspace_id: str, ids: Sequence[str]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
+def _load_rows(
+    conn: Connection, workspace_id: str, ids: Sequence[str]
+) -> dict[str, tuple[dict[str, Any], datetime | None]]:
+    found: dict[str, tuple[dict[str, Any], datetime | None]] = {}
     for part in _chunks(ids):
-        for pid, states in conn.execute(
-            select(stream_states.c.profile_id, stream_states.c.states).where(
+        for pid, states, seen in conn.execute(
+            select(stream_states.c.profile_id, stream_states.c.states, stream_states.c.seen).where(
                 stream_states.c.workspace_id == workspace_id,
                 stream_states.c.profile_id.in_(list(part)),
             )
         ):
-            found[pid] = orjson.loads(states)
+            found[pid] = (orjson.loads(states), seen)
     return found
 
 
 def _load_profiles(conn: Connection, workspace_id: str, ids: Sequence[str]) -> dict[str, _Profile]:
     found: dict[str, _Profile] = {}
     for part in _chunks(ids):
-        for pid, attributes in conn.execute(
-            select(profiles.c.id, profiles.c.attributes).where(
+        for pid, attributes, updated_at in conn.execute(
+            select(profiles.c.id, profiles.c.attributes, profiles.c.updated_at).where(
                 profiles.c.workspace_id == workspace_id, profiles.c.id.in_(list(part))
             )
         ):
-            found[pid] = _Profile(attributes or {}, {})
+            found[pid] = _Profile(attributes or {}, {}, updated_at)
         for pid, channel, purpose, status in conn.execute(
             select(
                 consents.c.profile_id, consents.c.channel, consents.c.purpose, consents.c.status
@@ -327,6 +329,12 @@ class _Evaluator:
     ) -> None:
         self.audiences = audiences_
         self.ids = frozenset(a.id for a in audiences_)
+        by_name: dict[str, set[str]] = defaultdict(set)
+        for a in audiences_:
+            for name in a.compiled.names:
+                by_name[name].add(a.id)
+        #: event name -> the audiences whose states its events may change
+        self.by_name = dict(by_name)
         self.now = now
         self.history = history  # (profile ids, names) -> list of history tuples
 
@@ -339,11 +347,9 @@ class _Evaluator:
         watermark = compiled.watermark(state)
         if watermark is not None and watermark > now:  # the clock went back: ask at the mark
             now = watermark
-        try:
-            member = compiled.member(state, profile, now)
-        except StateOverflow:
+        member, turn = compiled.evaluate(state, profile, now)
+        if member is None:  # past the state's cap: the whole history answers
             member = self._from_history(live, pid, profile)
-        turn = compiled.next_change(state, profile, now)
         return member, None if turn is None else _micros(turn)
 
     def _from_history(self, live: Live, pid: str, profile: _Profile) -> bool:
@@ -385,7 +391,7 @@ def _evaluate_profile(
     evaluator: _Evaluator,
     pid: str,
     profile: _Profile,
-    stored: dict[str, Any] | None,
+    stored: tuple[dict[str, Any], datetime | None] | None,
     *,
     events: list[MemoryEvent] | None = None,
     history: list[MemoryEvent] | None = None,
@@ -394,21 +400,30 @@ def _evaluate_profile(
 ) -> None:
     """Bring one profile's streaming states and answers up to date in ``work``.
 
-    ``events``: new events, folded into the state of every audience that covers the profile.
-    ``replay``: audiences whose states are rebuilt from ``history`` (the profile's whole history
-    of their event names). An audience is evaluated when its state changed, when it reads the
-    profile and the profile had new events (its attributes may have changed with them), when
-    ``recheck`` asks, or when the profile was never seen before (no row)."""
-    entries: dict[str, Any] = {k: v for k, v in (stored or {}).items() if k in evaluator.ids}
-    changed = stored is None or len(entries) != len(stored)
+    ``events``: new events, folded into the state of every audience that covers the profile
+    and reads their names. ``replay``: audiences whose states are rebuilt from ``history``
+    (the profile's whole history of their event names). An audience is evaluated when its
+    state changed, when it reads the profile and the profile changed since its last evaluation
+    (its ``updated_at``), when ``recheck`` asks, or when the profile was never seen (no row)."""
+    before, seen = stored if stored is not None else ({}, None)
+    entries: dict[str, Any] = {k: v for k, v in before.items() if k in evaluator.ids}
     recheck = recheck or stored is None
+    profile_changed = recheck or seen != profile.updated_at
+    changed = profile_changed or len(entries) != len(before)
     new_events = sorted(events or (), key=_ORDER)
     past = sorted(history or (), key=_ORDER)
+    concerned: set[str] = set()
+    for name in {e.name for e in new_events}:
+        concerned |= evaluator.by_name.get(name, set())
     now = evaluator.now
     for live in evaluator.audiences:
         rebuilding = live.id in replay
-        if not rebuilding and not live.covers(pid):
-            continue
+        if not rebuilding:
+            wanted = (
+                recheck or live.id in concerned or (profile_changed and live.compiled.reads_profile)
+            )
+            if not wanted or not live.covers(pid):
+                continue
         compiled = live.compiled
         if rebuilding:
             state = compiled.on_events(compiled.new_state(), past, now=now)
@@ -418,7 +433,7 @@ def _evaluate_profile(
             base = old if old is not None else compiled.new_state()
             state = compiled.on_events(base, new_events, now=now) if new_events else base
             touched = state is not base
-        if not (touched or recheck or (compiled.reads_profile and new_events)):
+        if not (touched or recheck or (compiled.reads_profile and profile_changed)):
             continue
         member, due = evaluator.answer(live, state, profile, pid)
         work.answers[(live.id, pid)] = member
@@ -428,7 +443,7 @@ def _evaluate_profile(
         else:
             entries[live.id] = {"s": state, "d": due}
     if changed:
-        work.rows[pid] = entries
+        work.rows[pid] = (entries, profile.updated_at)
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -461,7 +476,7 @@ def _write(conn: Connection, work: _Work, *, now: datetime) -> tuple[int, int]:
         )
     upsert = _upsert(conn)(stream_states)
     values = []
-    for pid, entries in work.rows.items():
+    for pid, (entries, seen) in work.rows.items():
         if pid not in alive:
             continue
         dues = [e["d"] for e in entries.values() if e.get("d") is not None]
@@ -471,20 +486,22 @@ def _write(conn: Connection, work: _Work, *, now: datetime) -> tuple[int, int]:
                 "profile_id": pid,
                 "states": orjson.dumps(entries).decode(),
                 "due": _moment(min(dues)) if dues else None,
+                "seen": seen,
                 "updated_at": now,
             }
         )
-    for start in range(0, len(values), 500):
-        stmt = upsert.values(values[start : start + 500])
+    if values:  # one statement, executed for many rows (compiled once)
         conn.execute(
-            stmt.on_conflict_do_update(
+            upsert.on_conflict_do_update(
                 index_elements=["workspace_id", "profile_id"],
                 set_={
-                    "states": stmt.excluded.states,
-                    "due": stmt.excluded.due,
-                    "updated_at": stmt.excluded.updated_at,
+                    "states": upsert.excluded.states,
+                    "due": upsert.excluded.due,
+                    "seen": upsert.excluded.seen,
+                    "updated_at": upsert.excluded.updated_at,
                 },
-            )
+            ),
+            values,
         )
     realized = exited = 0
     answers = {k: v for k, v in work.answers.items() if k[1] in alive}
@@ -524,29 +541,33 @@ def _write(conn: Connection, work: _Work, *, now: datetime) -> tuple[int, int]:
                 leaving[aid].append(pid)
                 changes.append((aid, pid, "exited"))
         ins = _upsert(conn)(audience_members)
-        for start in range(0, len(entering), 500):
-            stmt = ins.values(entering[start : start + 500])
+        if entering:
             conn.execute(
-                stmt.on_conflict_do_update(
+                ins.on_conflict_do_update(
                     index_elements=["workspace_id", "audience_id", "profile_id"],
                     set_={
                         "status": "realized",
-                        "realized_at": stmt.excluded.realized_at,
+                        "realized_at": ins.excluded.realized_at,
                         "exited_at": None,
                     },
-                )
+                ),
+                entering,
             )
-        for aid, pids in leaving.items():
-            for part in _chunks(pids):
-                conn.execute(
-                    update(audience_members)
-                    .where(
-                        audience_members.c.workspace_id == ws,
-                        audience_members.c.audience_id == aid,
-                        audience_members.c.profile_id.in_(list(part)),
-                    )
-                    .values(status="exited", exited_at=now)
+        if leaving:
+            conn.execute(
+                update(audience_members)
+                .where(
+                    audience_members.c.workspace_id == bindparam("b_ws"),
+                    audience_members.c.audience_id == bindparam("b_aid"),
+                    audience_members.c.profile_id == bindparam("b_pid"),
                 )
+                .values(status="exited", exited_at=now),
+                [
+                    {"b_ws": ws, "b_aid": aid, "b_pid": pid}
+                    for aid, pids in leaving.items()
+                    for pid in pids
+                ],
+            )
         if changes:
             conn.execute(
                 insert(audience_changes),
@@ -678,11 +699,11 @@ def _timers(hub: Hub, folder: Folder, now: datetime) -> int:
             micros = _micros(now)
             for pid in ids:
                 profile = people.get(pid)
-                entries = stored.get(pid)
-                if profile is None or entries is None:
-                    work.rows[pid] = {}
+                row = stored.get(pid)
+                if profile is None or row is None:
+                    work.rows[pid] = ({}, None)
                     continue
-                kept = dict(entries)
+                kept = dict(row[0])
                 for live in lives:
                     entry = kept.get(live.id)
                     if entry is None or entry.get("d") is None or entry["d"] > micros:
@@ -695,7 +716,7 @@ def _timers(hub: Hub, folder: Folder, now: datetime) -> int:
                     work.answers[(live.id, pid)] = member
                     kept[live.id] = {"s": state, "d": turn}
                 live_ids = {a.id for a in lives}
-                work.rows[pid] = {k: v for k, v in kept.items() if k in live_ids}
+                work.rows[pid] = ({k: v for k, v in kept.items() if k in live_ids}, row[1])
             _write(conn, work, now=now)
     return len(due)
 

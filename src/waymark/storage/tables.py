@@ -370,6 +370,9 @@ stream_states = Table(
     Column("profile_id", Id, primary_key=True),
     Column("states", Text, nullable=False),
     Column("due", UtcDateTime),
+    # the profile's updated_at when its memberships were last evaluated: attribute-reading
+    # audiences are evaluated again only once it differs
+    Column("seen", UtcDateTime),
     Column("updated_at", UtcDateTime, nullable=False),
     Index("ix_stream_states_due", "due"),
 )

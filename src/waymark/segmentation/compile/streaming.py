@@ -1294,6 +1294,7 @@ class StreamingAudience:
             for name in node.names:
                 by_name.setdefault(name, []).append(node)
         self._by_name = by_name
+        self._empty: State | None = None
 
     def _compile(self, node: Expr) -> _Node:
         index, cap = len(self._events), self.max_events
@@ -1322,13 +1323,17 @@ class StreamingAudience:
         return built
 
     def new_state(self) -> State:
-        """The state of a profile with no events yet."""
-        return {
-            "v": _VERSION,
-            "f": self._definition,
-            "w": None,
-            "n": [node.new() for node in self._events],
-        }
+        """The state of a profile with no events yet (one shared object: read-only, like every
+        state)."""
+        empty = self._empty
+        if empty is None:
+            empty = self._empty = {
+                "v": _VERSION,
+                "f": self._definition,
+                "w": None,
+                "n": [node.new() for node in self._events],
+            }
+        return empty
 
     def _slots(self, state: State) -> list[Any]:
         if (
@@ -1404,6 +1409,18 @@ class StreamingAudience:
                 f"{now.isoformat()}; evaluate it in batch"
             )
         return answer
+
+    def evaluate(
+        self, state: State, profile: ProfileView, now: datetime
+    ) -> tuple[bool | None, datetime | None]:
+        """:meth:`member` (None where it would raise :class:`StateOverflow`) and
+        :meth:`next_change` at once, sharing their work."""
+        slots, ctx = self._context(state, profile, now)
+        answer = self._root.value(slots, ctx)
+        turn = self._root.change(slots, ctx)
+        if turn is None or turn > _LAST or turn < _FIRST:
+            return answer, None
+        return answer, _moment(turn)
 
     def next_change(self, state: State, profile: ProfileView, now: datetime) -> datetime | None:
         """The earliest instant after ``now`` at which the answer may change with no new input

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("profile_id", sa.String(length=36), nullable=False),
         sa.Column("states", sa.Text(), nullable=False),
         sa.Column("due", waymark.storage.tables.UtcDateTime(timezone=True), nullable=True),
+        sa.Column("seen", waymark.storage.tables.UtcDateTime(timezone=True), nullable=True),
         sa.Column("updated_at", waymark.storage.tables.UtcDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("workspace_id", "profile_id", name=op.f("pk_stream_states")),
     )

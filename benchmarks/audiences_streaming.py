@@ -1,0 +1,411 @@
+"""Benchmark: streaming audiences, as ``waymark serve`` keeps them.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/audiences_streaming.py throughput
+    PYTHONPATH=src .venv/bin/python benchmarks/audiences_streaming.py latency
+
+``throughput``: 100 streaming audiences (the ten kinds of condition of ``audiences_edge.py``,
+ten parameters each) in an embedded hub (SQLite state store, DuckDB log, in a temporary
+folder). Events of ``--profiles`` shoppers are stored through the ingestion path first (not
+timed), then the mover moves them from the inbox to the log and folds them into the
+streaming states (fold, membership answers, timers, writes of states and changes), in
+batches as ``serve`` does. Prints events per second of the move-and-fold, and of the
+streaming evaluator alone on the same events (states in memory, no storage).
+
+``latency``: starts ``waymark serve`` (a subprocess, embedded default) with the same 100
+audiences, sends ``--rate`` events per second over HTTP for ``--seconds`` (Segment ``/v1/batch``
+calls of ``--batch`` events), among them first purchases of new shoppers, each of which makes
+that shopper enter "purchase within last 1 days" (one of the 100). A thread polls the state
+store for membership changes every millisecond. Prints p50/p99 from the moment the HTTP
+answer acknowledged the purchase to the moment its membership change was visible to a reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import create_engine, text
+
+from waymark.access import service as access
+from waymark.core.clock import ManualClock
+from waymark.demo.generate import load_demo_schema
+from waymark.hub import Hub
+from waymark.ingestion.pipeline import Ingestor
+from waymark.model.schemas import parse_schema
+from waymark.profiles.schema_store import save_schema
+from waymark.segmentation import live
+from waymark.segmentation import service as segments
+from waymark.segmentation.compile.memory import MemoryEvent, compile_memory
+from waymark.segmentation.compile.streaming import compile_streaming
+from waymark.segmentation.lang.parser import parse
+from waymark.settings import load_settings
+from waymark.workers import flush_once
+
+from _machine import machine
+
+TEMPLATES = (
+    'country = "DE" and lifetime_value > {n}',
+    "count(purchase within last {d} days) >= {k}",
+    "sum(purchase.revenue within last {d} days) >= {n}",
+    "avg(cart_add.price) > {k}",
+    "product_view within last {d} days and not purchase within last {k} days",
+    "product_view then cart_add then purchase within {k} days",
+    "cart_add within last {d} days then not purchase within {k} hours",
+    'last(purchase where revenue > {k}).category = "shoes"',
+    "consent(email, marketing) = opted_in and signup_at within last {d} days",
+    "purchase within last {k} days",
+)
+NAMES = ("product_view", "product_view", "product_view", "cart_add", "purchase", "app_open")
+CATEGORIES = ("shoes", "shirts", "bags", "hats")
+
+
+def definitions() -> dict[str, str]:
+    return {
+        f"a{t:02d}-{i}": template.format(n=50 * (i + 1), d=7 * (i + 1), k=i + 1)
+        for t, template in enumerate(TEMPLATES)
+        for i in range(10)
+    }
+
+
+def _call(rng: random.Random, user: str, at: datetime, seq: int) -> dict[str, Any]:
+    name = rng.choice(NAMES)
+    if name == "purchase":
+        props: dict[str, Any] = {
+            "order_id": f"o{seq}",
+            "revenue": round(rng.uniform(5, 300), 2),
+            "category": rng.choice(CATEGORIES),
+        }
+    elif name in ("product_view", "cart_add"):
+        props = {"sku": f"s{rng.randrange(500)}", "category": rng.choice(CATEGORIES)}
+        props["price"] = round(rng.uniform(5, 300), 2)
+    else:
+        props = {"platform": "ios"}
+    return {
+        "type": "track",
+        "userId": user,
+        "event": name,
+        "messageId": f"m{seq}",
+        "timestamp": at.isoformat(),
+        "properties": props,
+    }
+
+
+def _traits(rng: random.Random, user: str, at: datetime) -> dict[str, Any]:
+    return {
+        "type": "identify",
+        "userId": user,
+        "messageId": f"id-{user}",
+        "timestamp": at.isoformat(),
+        "traits": {
+            "country": rng.choice(["DE", "FR", "US"]),
+            "lifetime_value": round(rng.uniform(0, 2000), 2),
+            "email": f"{user}@example.com",
+            "signup_at": (at - timedelta(days=rng.randrange(400))).isoformat(),
+        },
+    }
+
+
+def throughput(args: argparse.Namespace) -> None:
+    rng = random.Random(11)
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    clock = ManualClock(now - timedelta(hours=1))
+    folder = Path(tempfile.mkdtemp(prefix="wm-stream-"))
+    hub = Hub.open(load_settings(environ={}, data_dir=folder), clock)
+    with hub.tx() as conn:
+        ws, _w, _a = access.create_workspace(conn, name="bench", actor="b", at=clock.now())
+        save_schema(
+            conn, workspace_id=ws.id, document=load_demo_schema(), actor="b", at=clock.now()
+        )
+    users = [f"u{i}" for i in range(args.profiles)]
+    ingest = Ingestor(hub)
+    # the past: traits and --history events per shopper over 30 days, built into the states
+    calls = [_traits(rng, u, clock.now() - timedelta(days=30)) for u in users]
+    for i in range(args.profiles * args.history):
+        at = clock.now() - timedelta(seconds=rng.randrange(0, 30 * 86_400))
+        calls.append(_call(rng, rng.choice(users), at, -1 - i))
+    for start in range(0, len(calls), 500):
+        ingest.segment(ws.id, "batch", {"batch": calls[start : start + 500]})
+    for name, text_ in definitions().items():
+        with hub.tx() as conn:
+            segments.save_audience(
+                conn, ws.id, name=name, definition=text_, actor="b", now=clock.now()
+            )
+    built = time.perf_counter()
+    flush_once(hub)
+    built = time.perf_counter() - built
+    # the present: --events events in the last hour, in time order, moved as serve does
+    events = []
+    for seq in range(args.events):
+        at = clock.now() + timedelta(seconds=3600 * seq / args.events)
+        events.append(_call(rng, rng.choice(users), at, seq))
+    clock.advance(timedelta(hours=1))
+    for start in range(0, len(events), 500):
+        result = ingest.segment(ws.id, "batch", {"batch": events[start : start + 500]})
+        assert not result.rejected, result.rejected[:3]
+    started = time.perf_counter()
+    moved = flush_once(hub)
+    elapsed = time.perf_counter() - started
+    with hub.engine.connect() as conn:
+        changes = conn.execute(text("SELECT count(*) FROM audience_changes")).scalar_one()
+    hub.close()
+    print(
+        f"build: {args.profiles:,} profiles with {args.profiles * args.history:,} events into 100 "
+        f"streaming audiences in {built:.1f} s"
+    )
+    print(
+        f"move and fold: {moved:,} events for {args.profiles:,} profiles through 100 streaming "
+        f"audiences in {elapsed:.2f} s: {moved / elapsed:,.0f} events/s "
+        f"({changes:,} membership changes in all)"
+    )
+
+    # the evaluator alone (what the mover runs per batch, without storage): states in memory
+    schema = parse_schema(load_demo_schema())
+    lives = []
+    for name, text_ in definitions().items():
+        expr = parse(text_, schema)
+        compiled = compile_streaming(expr)
+        lives.append(
+            live.Live(
+                id=name,
+                workspace_id="w",
+                name=name,
+                compiled=compiled,
+                memory=compile_memory(expr),
+                built_key=compiled.key,
+                through=None,
+                ready=True,
+            )
+        )
+    person = live._Profile(
+        {"country": "DE", "lifetime_value": 900.0, "signup_at": "2026-02-20T00:00:00+00:00"},
+        {("email", "marketing"): "opted_in"},
+        now,
+    )
+    rows: dict[str, Any] = {}
+    memory_events = [
+        (
+            e["userId"],
+            MemoryEvent(e["event"], datetime.fromisoformat(e["timestamp"]), i, e["properties"]),
+        )
+        for i, e in enumerate(events)
+    ]
+    started = time.perf_counter()
+    for start in range(0, len(memory_events), args.batch):
+        by_user: dict[str, list[MemoryEvent]] = {}
+        for user, event in memory_events[start : start + args.batch]:
+            by_user.setdefault(user, []).append(event)
+        at = by_user[user][-1].timestamp
+        evaluator = live._Evaluator(lives, now=at, history=lambda ids, names: [])
+        work = live._Work("w")
+        for user, evs in by_user.items():
+            live._evaluate_profile(work, evaluator, user, person, rows.get(user), events=evs)
+        rows.update(work.rows)
+    alone = time.perf_counter() - started
+    print(
+        f"evaluator alone: {len(memory_events) / alone:,.0f} events/s "
+        f"({len(memory_events):,} events in batches of {args.batch:,}, 100 audiences)"
+    )
+    print(f"machine: {machine()}")
+    print(
+        json.dumps(
+            {
+                "events": moved,
+                "profiles": args.profiles,
+                "audiences": 100,
+                "move_and_fold_events_per_s": round(moved / elapsed),
+                "evaluator_events_per_s": round(len(memory_events) / alone),
+            }
+        )
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def latency(args: argparse.Namespace) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="wm-stream-lat-"))
+    env = {**os.environ, "WAYMARK_DATA_DIR": str(folder)}
+    waymark = [sys.executable, "-m", "waymark.cli.main"]
+    created = subprocess.run(
+        [*waymark, "workspace", "create", "bench", "--json"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    info = json.loads(created.stdout)
+    ws, write, admin = info["id"], info["write_key"], info["admin_key"]
+    port = _free_port()
+    server = subprocess.Popen(
+        [*waymark, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            for _ in range(300):
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            bearer = {"Authorization": f"Bearer {admin}"}
+            http.put("/v1/schema", json=load_demo_schema(), headers=bearer).raise_for_status()
+            for name, text_ in definitions().items():
+                http.post(
+                    "/v1/audiences", json={"name": name, "definition": text_}, headers=bearer
+                ).raise_for_status()
+            basic = {"Authorization": "Basic " + base64.b64encode(f"{write}:".encode()).decode()}
+            _measure(http, basic, folder, ws, args)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _measure(
+    http: httpx.Client, basic: dict[str, str], folder: Path, ws: str, args: argparse.Namespace
+) -> None:
+    engine = create_engine(f"sqlite:///{folder / 'state.db'}")
+    with engine.connect() as conn:
+        probe_audience = conn.execute(
+            text("SELECT id FROM audiences WHERE name = 'a09-0'")
+        ).scalar_one()
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def poll() -> None:
+        last = 0
+        with engine.connect() as conn:
+            while not stop.is_set():
+                rows = conn.execute(
+                    text(
+                        "SELECT seq, profile_id FROM audience_changes WHERE seq > :s "
+                        "AND audience_id = :a AND change = 'realized'"
+                    ),
+                    {"s": last, "a": probe_audience},
+                ).all()
+                conn.rollback()
+                t = time.perf_counter()
+                for seq, pid in rows:
+                    seen.setdefault(pid, t)
+                    last = max(last, seq)
+                time.sleep(0.001)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    rng = random.Random(3)
+    acked: dict[str, float] = {}
+    interval = args.batch / args.rate
+    seq = 0
+    deadline = time.perf_counter() + args.seconds
+    next_send = time.perf_counter()
+    probes = 0
+    while time.perf_counter() < deadline:
+        calls = []
+        probe_user = None
+        if probes < args.probes and rng.random() < 0.5:
+            probe_user = f"probe{probes}"
+            probes += 1
+            calls.append(
+                {
+                    "type": "track",
+                    "userId": probe_user,
+                    "event": "purchase",
+                    "messageId": f"probe-{probes}",
+                    "timestamp": datetime.now(UTC).isoformat(),
+                    "properties": {"order_id": f"p{probes}", "revenue": 10.0},
+                }
+            )
+        while len(calls) < args.batch:
+            seq += 1
+            calls.append(_call(rng, f"u{rng.randrange(args.profiles)}", datetime.now(UTC), seq))
+        r = http.post("/v1/batch", json={"batch": calls}, headers=basic)
+        r.raise_for_status()
+        if probe_user is not None:
+            acked[probe_user] = time.perf_counter()
+        next_send += interval
+        pause = next_send - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+    time.sleep(2)
+    stop.set()
+    poller.join()
+    with engine.connect() as conn:
+        ids = dict(
+            conn.execute(
+                text(
+                    "SELECT value, profile_id FROM identities WHERE namespace = 'user_id' "
+                    "AND value LIKE 'probe%'"
+                )
+            ).all()
+        )
+    waits = sorted(
+        (seen[ids[user]] - at) * 1000 for user, at in acked.items() if ids.get(user) in seen
+    )
+    missing = len(acked) - len(waits)
+    p50 = statistics.median(waits)
+    p99 = waits[max(int(len(waits) * 0.99) - 1, 0)]
+    sent = seq + probes
+    print(
+        f"{sent:,} events in {args.seconds} s ({args.rate:,}/s asked, batches of {args.batch}), "
+        f"100 streaming audiences; {len(waits)} probes: acknowledged -> membership visible "
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {waits[-1]:.1f} ms ({missing} not seen)"
+    )
+    print(f"machine: {machine()}")
+    print(
+        json.dumps(
+            {
+                "events": sent,
+                "rate": args.rate,
+                "probes": len(waits),
+                "p50_ms": round(p50, 1),
+                "p99_ms": round(p99, 1),
+                "missing": missing,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--profiles", type=int, default=5000)
+    t.add_argument("--events", type=int, default=40_000)
+    t.add_argument("--history", type=int, default=10, help="past events per profile")
+    t.add_argument("--batch", type=int, default=2_000, help="events per move (evaluator)")
+    lat = sub.add_parser("latency")
+    lat.add_argument("--rate", type=int, default=2000, help="events per second")
+    lat.add_argument("--batch", type=int, default=20, help="events per HTTP call")
+    lat.add_argument("--seconds", type=int, default=20)
+    lat.add_argument("--probes", type=int, default=400)
+    lat.add_argument("--profiles", type=int, default=5000)
+    args = parser.parse_args()
+    if args.what == "throughput":
+        throughput(args)
+    else:
+        latency(args)
+
+
+if __name__ == "__main__":
+    main()
