@@ -46,7 +46,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from waymark.core.errors import InvalidInput
 from waymark.hub import Hub
-from waymark.profiles.schema_store import current_schema
+from waymark.profiles.schema_store import schema_in_force
 from waymark.segmentation.compile.memory import (
     CompiledAudience,
     MemoryEvent,
@@ -139,21 +139,38 @@ _compiled: dict[tuple[str, str], tuple[StreamingAudience, CompiledAudience]] = {
 _expansions: dict[tuple[Any, ...], dict[str, ast.Expr | None]] = {}
 
 
+_LIGHT = (
+    audiences.c.id,
+    audiences.c.name,
+    audiences.c.version,
+    audiences.c.mode,
+    audiences.c.stream_key,
+    audiences.c.stream_through,
+    audiences.c.stream_ready,
+)
+
+
 def _expanded_all(conn: Connection, workspace_id: str) -> dict[str, tuple[Any, ast.Expr | None]]:
-    """Every audience of the workspace: its row and its definition expanded and checked
-    against the schema in force (None when that fails: the schema changed under it). The
-    expansions are cached by the audiences' versions and the schema's."""
-    rows = conn.execute(select(audiences).where(audiences.c.workspace_id == workspace_id)).all()
-    version = current_schema(conn, workspace_id)
-    key = (workspace_id, version.version, tuple(sorted((r.id, r.version) for r in rows)))
+    """Every audience of the workspace: its row (without the definition) and its definition
+    expanded and checked against the schema in force (None when that fails: the schema
+    changed under it). Expansions are cached by the audiences' versions and the schema's, so
+    a round of streaming reads two small queries' worth."""
+    rows = conn.execute(select(*_LIGHT).where(audiences.c.workspace_id == workspace_id)).all()
+    version, schema = schema_in_force(conn, workspace_id)
+    key = (workspace_id, version, tuple(sorted((r.id, r.version) for r in rows)))
     fulls = _expansions.get(key)
     if fulls is None:
-        definitions = {r.name: from_json(r.definition) for r in rows}
+        stored = conn.execute(
+            select(audiences.c.name, audiences.c.definition).where(
+                audiences.c.workspace_id == workspace_id
+            )
+        ).all()
+        definitions = {name: from_json(doc) for name, doc in stored}
         fulls = {}
         for r in rows:
             try:
-                fulls[r.name] = check(expand(definitions[r.name], definitions), version.schema)
-            except InvalidInput:
+                fulls[r.name] = check(expand(definitions[r.name], definitions), schema)
+            except (InvalidInput, KeyError):
                 fulls[r.name] = None
         if len(_expansions) > 256:
             _expansions.clear()
@@ -161,8 +178,19 @@ def _expanded_all(conn: Connection, workspace_id: str) -> dict[str, tuple[Any, a
     return {r.name: (r, fulls.get(r.name)) for r in rows}
 
 
+_modes: dict[int, tuple[ast.Expr, str]] = {}
+
+
 def _mode_of(full: ast.Expr | None) -> str:
-    return "streaming" if full is not None and streaming_plan(full).streamable else "batch"
+    if full is None:
+        return "batch"
+    known = _modes.get(id(full))
+    if known is None or known[0] is not full:  # cached per expansion (they are cached too)
+        if len(_modes) > 4096:
+            _modes.clear()
+        known = (full, "streaming" if streaming_plan(full).streamable else "batch")
+        _modes[id(full)] = known
+    return known[1]
 
 
 def decide_modes(conn: Connection, workspace_id: str) -> None:
@@ -264,6 +292,9 @@ class _Profile:
     updated_at: datetime | None = None
 
 
+_NOBODY: Final = _Profile({}, {})
+
+
 @dataclass(slots=True)
 class _Work:
     """States and answers computed for one workspace, waiting to be written."""
@@ -337,6 +368,16 @@ class _Evaluator:
         self.by_name = dict(by_name)
         self.now = now
         self.history = history  # (profile ids, names) -> list of history tuples
+        self._empty: dict[str, tuple[bool, int | None]] = {}
+
+    def empty(self, live: Live) -> tuple[bool, int | None]:
+        """The answer of an audience that reads no profile data for a profile with no event
+        it reads: the same for every such profile, so computed once."""
+        known = self._empty.get(live.id)
+        if known is None:
+            known = self.answer(live, live.compiled.new_state(), _NOBODY, "")
+            self._empty[live.id] = known
+        return known
 
     def answer(
         self, live: Live, state: State, profile: _Profile, pid: str
@@ -424,6 +465,16 @@ def _evaluate_profile(
             )
             if not wanted or not live.covers(pid):
                 continue
+            if (
+                live.id not in concerned
+                and not live.compiled.reads_profile
+                and live.id not in entries
+            ):
+                member, due = evaluator.empty(live)
+                if due is None:  # nothing to keep, and the answer is known
+                    work.answers[(live.id, pid)] = member
+                    changed = True
+                    continue
         compiled = live.compiled
         if rebuilding:
             state = compiled.on_events(compiled.new_state(), past, now=now)
