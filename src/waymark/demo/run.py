@@ -169,9 +169,9 @@ def _audiences(out: Console, http: httpx.Client, auth: dict[str, str]) -> None:
     """Validate, save, estimate and run the demo audiences through the API; show the results."""
     bad = http.post("/v1/audiences/validate", json={"definition": 'contry = "DE"'}, headers=auth)
     out.print(f"a typo is caught: {bad.json()['error']['errors'][0]['reason']}")
-    t = Table(title="audiences (batch runs on the DuckDB event log)")
-    for column in ("audience", "definition", "estimate (5 %)", "members", "run ms"):
-        t.add_column(column, justify="left" if column in ("audience", "definition") else "right")
+    t = Table(title="audiences: streaming ones built by serve, then a batch run of each agrees")
+    for column in ("audience", "definition", "mode", "estimate (5 %)", "members", "run ms"):
+        t.add_column(column, justify="right" if column in ("members", "run ms") else "left")
     for name, text in DEMO_AUDIENCES.items():
         saved = http.post("/v1/audiences", json={"name": name, "definition": text}, headers=auth)
         saved.raise_for_status()
@@ -182,6 +182,7 @@ def _audiences(out: Console, http: httpx.Client, auth: dict[str, str]) -> None:
         t.add_row(
             name,
             saved.json()["text"],
+            saved.json()["mode"],
             f"{guess['estimate']:,} ({guess['low']:,}–{guess['high']:,})",
             f"{run['members']:,}",
             f"{elapsed:.0f}",
@@ -202,6 +203,62 @@ def _audiences(out: Console, http: httpx.Client, auth: dict[str, str]) -> None:
         "the live shopper is in: "
         + (", ".join(m["audience"] for m in mine["audiences"] if m["status"] == "realized") or "-")
     )
+
+
+def _in(http: httpx.Client, auth: dict[str, str], user: str) -> set[str]:
+    found = http.get(f"/v1/profiles/user_id/{user}/audiences", headers=auth)
+    if found.status_code == 404:
+        return set()
+    return {m["audience"] for m in found.json()["audiences"] if m["status"] == "realized"}
+
+
+def _live_audiences(
+    out: Console, http: httpx.Client, write: dict[str, str], auth: dict[str, str]
+) -> None:
+    """A new shopper's events, one call at a time: after each, how long until serve has
+    updated the streaming memberships (read back through the API)."""
+    user = "demo-live-buyer"
+    before: set[str] = set()
+    t = Table(title="a new shopper, live: each call, then the memberships serve keeps")
+    for column in ("call", "entered", "left", "ms until visible"):
+        t.add_column(column, justify="right" if column.startswith("ms") else "left")
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("identify (country FR)", {"type": "identify", "traits": {"country": "FR"}}),
+        (
+            "purchase 150 (shoes)",
+            {"type": "track", "event": "purchase", "properties": {"revenue": 150.0}},
+        ),
+        (
+            "purchase 120 (shoes)",
+            {"type": "track", "event": "purchase", "properties": {"revenue": 120.0}},
+        ),
+        ("identify (moved to DE)", {"type": "identify", "traits": {"country": "DE"}}),
+    ]
+    for n, (label, call) in enumerate(steps):
+        body = {**call, "userId": user, "messageId": f"demo-stream-{n}"}
+        if call["type"] == "track":
+            body["properties"] = {**call["properties"], "order_id": f"L{n}", "category": "shoes"}
+        started = time.monotonic()
+        r = http.post(
+            "/v1/track" if call["type"] == "track" else "/v1/identify", json=body, headers=write
+        )
+        r.raise_for_status()
+        now = before
+        waited = 0.0
+        while time.monotonic() - started < 1.5:
+            now = _in(http, auth, user)
+            waited = (time.monotonic() - started) * 1000
+            if now != before:
+                break
+            time.sleep(0.005)
+        t.add_row(
+            label,
+            ", ".join(sorted(now - before)) or "-",
+            ", ".join(sorted(before - now)) or "-",
+            f"{waited:.0f}" if now != before else "(no change)",
+        )
+        before = now
+    out.print(t)
 
 
 def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = None) -> None:
@@ -338,10 +395,15 @@ def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = No
                 + ", ".join(p["attributes"].get("email", p["id"]) for p in found.json()["profiles"])
             )
 
-            out.rule("[bold]7. Audiences, in batch")
+            out.rule("[bold]7. Audiences, built in batch and kept up to date by serve")
             _audiences(out, http, {"Authorization": f"Bearer {admin.secret}"})
 
-            out.rule("[bold]8. Privacy: export, then delete the shopper")
+            out.rule("[bold]8. Audiences, live as events stream in")
+            _live_audiences(
+                out, http, _basic(write.secret), {"Authorization": f"Bearer {admin.secret}"}
+            )
+
+            out.rule("[bold]9. Privacy: export, then delete the shopper")
             admin_auth = {"Authorization": f"Bearer {admin.secret}"}
             person = {"namespace": "email", "value": "live.shopper@example.com"}
             exported = http.post("/v1/privacy/export", json=person, headers=admin_auth).json()
@@ -368,8 +430,7 @@ def run_demo(folder: Path, *, profiles: int = 2000, console: Console | None = No
         out.print(t)
         out.print(f"done in {time.monotonic() - started:.1f} s; data in {hub_dir}")
         out.print(
-            "[dim]Streaming audiences, journeys, campaigns and message delivery join this "
-            "demo as their issues land.[/]"
+            "[dim]Journeys, campaigns and message delivery join this demo as their issues land.[/]"
         )
     finally:
         hub.close()
