@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from starlette.concurrency import run_in_threadpool
 
@@ -72,6 +71,17 @@ async def _audience_schedules(hub: Hub) -> None:
             log.exception("a scheduled audience run failed")
 
 
+async def _checkpoints(hub: Hub, interval: float) -> None:
+    """Checkpoint the SQLite WAL every ``interval``, beside the mover (not between its rounds:
+    a round waiting for a checkpoint would delay the memberships of the events it folds)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await run_in_threadpool(checkpoint, hub.engine)
+        except Exception:  # the next one retries
+            log.exception("checkpoint failed")
+
+
 async def run_background(hub: Hub) -> None:
     """Run until cancelled: finish pending deletions once, then move the inbox (folding the
     events into the streaming audiences) as soon as ingestion signals new events, at least every
@@ -84,15 +94,12 @@ async def run_background(hub: Hub) -> None:
         log.warning("marked interrupted audience runs as failed", extra={"count": stale})
     interval = hub.settings.flush_interval_ms / 1000
     schedules = asyncio.create_task(_audience_schedules(hub))
-    last_checkpoint = time.monotonic()
+    checkpoints = asyncio.create_task(_checkpoints(hub, interval))
     try:
         while True:
             busy = False
             try:
                 _moved, busy = await run_in_threadpool(stream_once, hub)
-                if time.monotonic() - last_checkpoint >= interval:
-                    await run_in_threadpool(checkpoint, hub.engine)
-                    last_checkpoint = time.monotonic()
             except Exception:  # keep serving; the next round retries
                 log.exception("moving events to the log failed")
             if not busy:
@@ -100,3 +107,4 @@ async def run_background(hub: Hub) -> None:
             hub.inbox_signal.clear()
     finally:
         schedules.cancel()
+        checkpoints.cancel()
