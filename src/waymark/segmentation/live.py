@@ -677,7 +677,10 @@ class Folder:
         return read
 
     def prepare(self, conn: Connection, moved: Sequence[Moved]) -> list[_Work]:
-        """The states and answers after ``moved``, per workspace (nothing is written)."""
+        """The states and answers after ``moved``, per workspace (nothing is written). On
+        PostgreSQL ``conn`` is the moving transaction, which takes the streaming lock here so
+        that the states it reads stay as read until it commits."""
+        _lock(conn)
         now = self.hub.clock.now()
         by_ws: dict[str, dict[str, list[MemoryEvent]]] = defaultdict(lambda: defaultdict(list))
         for m in moved:
