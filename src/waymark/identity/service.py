@@ -35,6 +35,7 @@ from waymark.identity.graph import (
 )
 from waymark.model.events import ConsentStatus, ConsentUpdate, Identity
 from waymark.storage import hotpath
+from waymark.storage.database import streaming_lock
 from waymark.storage.eventlog import events_table
 from waymark.storage.tables import (
     audience_changes,
@@ -332,6 +333,8 @@ class ProfileWriter:
         for pid in self.dirty:
             self.loaded[pid] = self.states[pid]
         # merges of stored profiles: consents, waiting events, the log, then the rows
+        if absorbed_stored:
+            streaming_lock(conn)  # before rows a streaming fold writes (see streaming_lock)
         for absorbed, survivor in sorted(absorbed_stored.items()):
             self._move_consents(absorbed, survivor)
             self._move_memberships(absorbed, survivor)

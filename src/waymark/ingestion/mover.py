@@ -18,7 +18,7 @@ from sqlalchemy import Engine, delete, select, text
 
 from waymark.hub import Hub
 from waymark.segmentation.live import RECOVERY_SEQ, Folder, Moved
-from waymark.storage.database import write_tx
+from waymark.storage.database import streaming_lock, write_tx
 from waymark.storage.eventlog import EVENT_ARROW_SCHEMA, EventLog
 from waymark.storage.hotpath import INBOX_COLUMNS, fetch_rows
 from waymark.storage.tables import event_inbox, profile_merges
@@ -97,6 +97,8 @@ def flush_shared(
     moved = 0
     while True:
         with write_tx(engine) as conn:
+            if folder is not None:
+                streaming_lock(conn)  # before the inbox rows: merges take it in this order too
             rows = conn.execute(_PG_MOVE, {"n": batch_size}).all()
             if folder is not None and rows:
                 events = [Moved(r[0], r[1], r[2], r[3], int(r[4]), r[5] or {}) for r in rows]
@@ -162,10 +164,11 @@ def flush(
             )
         if rows and int(rows[0][-1]) <= done:
             # rows already in the log (a crash came between the append and the cleanup):
-            # fold them (their log seq is not at hand: see live.RECOVERY_SEQ), finish their
-            # cleanup, then read again
+            # fold them with their log seqs, finish their cleanup, then read again
             logged = [r for r in rows if int(r[-1]) <= done]
-            seqs = [RECOVERY_SEQ + int(r[-1]) for r in logged]
+            ws_at, mid_at = INBOX_COLUMNS.index("workspace_id"), INBOX_COLUMNS.index("message_id")
+            known = events.message_seqs([(r[ws_at], r[mid_at]) for r in logged])
+            seqs = [known.get((r[ws_at], r[mid_at]), RECOVERY_SEQ + int(r[-1])) for r in logged]
             _commit_moved(engine, folder, _rows_to_arrow(logged), seqs, upto=done)
             continue
         if not rows:

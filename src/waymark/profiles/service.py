@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, or_, select, update
 
 from waymark.access.service import record_audit
 from waymark.core.errors import InvalidInput, Issue, NotFound
@@ -24,6 +24,7 @@ from waymark.model.events import ConsentStatus, ConsentUpdate, Identity, normali
 from waymark.model.json import to_jsonable, unstorable
 from waymark.model.schemas import Schema, validate_attributes
 from waymark.storage import hotpath
+from waymark.storage.database import streaming_lock
 from waymark.storage.eventlog import EventLog
 from waymark.storage.tables import (
     PERSON_TABLES,
@@ -37,6 +38,7 @@ from waymark.storage.tables import (
     privacy_requests,
     profile_merges,
     profiles,
+    stream_recheck,
 )
 
 
@@ -244,6 +246,10 @@ def update_profile(
         writer.set_consent(pid, cu)
     writer.flush()
     pid = writer.canonical(pid)
+    # no event tells the streaming audiences (waymark.segmentation.live): queue a recheck
+    conn.execute(
+        insert(stream_recheck).values(workspace_id=workspace_id, profile_id=pid, replay=False)
+    )
     record_audit(
         conn,
         workspace_id=workspace_id,
@@ -415,6 +421,7 @@ def start_deletion(
     """Step 1 of a deletion (state store, one transaction): delete the person's profile,
     identities, consents and waiting events, erase their ids from the audit log, and record a
     ``running`` request listing the profile ids whose logged events are still to delete."""
+    streaming_lock(conn)  # a fold must not write states for the person meanwhile
     pid = find_profile_id(conn, workspace_id, identity)
     ids = _merged_ids(conn, workspace_id, pid)
     counts: dict[str, int] = {}

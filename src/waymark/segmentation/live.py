@@ -25,9 +25,8 @@ than the state keeps), that profile is evaluated by the in-memory evaluator over
 history from the log: exact, slower.
 
 Ties: an event's ``seq`` in the states is its log ``seq``; events folded while recovering from a
-crash between the log append and the inbox cleanup carry ``RECOVERY_SEQ + inbox seq`` (they are
-in the log, but their log ``seq`` is not at hand), which orders them after every event already
-in the log, as the log does.
+crash between the log append and the inbox cleanup look theirs up by message id
+(``RECOVERY_SEQ + inbox seq`` only if the log somehow lacks one).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from operator import attrgetter
 from typing import Any, Final
 
 import orjson
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waymark.core.errors import InvalidInput
@@ -61,8 +60,9 @@ from waymark.segmentation.compile.streaming import (
 )
 from waymark.segmentation.compile.streaming import plan as streaming_plan
 from waymark.segmentation.lang import ast
-from waymark.segmentation.lang.check import check, expand
+from waymark.segmentation.lang.check import check, expand, references
 from waymark.segmentation.lang.jsonform import from_json
+from waymark.storage.database import streaming_lock
 from waymark.storage.eventlog import EventLog, pg_histories
 from waymark.storage.tables import (
     audience_changes,
@@ -93,8 +93,6 @@ RECOVERY_SEQ: Final = 1 << 40
 CHUNK: Final = 2000
 #: Events a streaming state keeps per condition before it answers "evaluate in batch".
 MAX_EVENTS: Final = 1000
-#: The advisory lock that serialises streaming work on PostgreSQL (several processes may move).
-_PG_LOCK: Final = 727_002
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,14 +191,43 @@ def _mode_of(full: ast.Expr | None) -> str:
     return known[1]
 
 
-def decide_modes(conn: Connection, workspace_id: str) -> None:
+def decide_modes(conn: Connection, workspace_id: str, changed: str | None = None) -> None:
     """Store each audience's evaluation mode: streaming when its expanded definition can be
-    streamed, else batch. Call after any audience of the workspace changes (a change of one
-    audience changes the expansion of those that contain it)."""
-    for row, full in _expanded_all(conn, workspace_id).values():
+    streamed, else batch. Call after any audience of the workspace changes, naming it
+    (``changed``): its streaming states, and those of every audience containing it, are
+    dropped to be built again (a definition changed and changed back must not find states
+    that missed the events moved in between), as are those of an audience whose mode
+    changes."""
+    expanded = _expanded_all(conn, workspace_id)
+    users = _containing(conn, workspace_id, changed) if changed is not None else set()
+    for name, (row, full) in expanded.items():
         mode = _mode_of(full)
-        if mode != row.mode:
-            conn.execute(update(audiences).where(audiences.c.id == row.id).values(mode=mode))
+        if mode != row.mode or name in users:
+            conn.execute(
+                update(audiences)
+                .where(audiences.c.id == row.id)
+                .values(mode=mode, stream_key=None, stream_through=None, stream_ready=False)
+            )
+
+
+def _containing(conn: Connection, workspace_id: str, name: str) -> set[str]:
+    """``name`` and every audience whose definition contains it, directly or not."""
+    direct: dict[str, set[str]] = {}
+    for other, doc in conn.execute(
+        select(audiences.c.name, audiences.c.definition).where(
+            audiences.c.workspace_id == workspace_id
+        )
+    ):
+        direct[other] = references(from_json(doc))
+    found = {name}
+    grew = True
+    while grew:
+        grew = False
+        for other, refs in direct.items():
+            if other not in found and refs & found:
+                found.add(other)
+                grew = True
+    return found
 
 
 def live_audiences(conn: Connection, workspace_id: str) -> list[Live]:
@@ -304,8 +331,14 @@ class _Work:
     rows: dict[str, tuple[dict[str, Any], datetime | None]] = field(default_factory=dict)
     #: (audience id, profile id) -> member now
     answers: dict[tuple[str, str], bool] = field(default_factory=dict)
-    #: build progress to store: audience id -> (key, through, ready)
-    builds: dict[str, tuple[str, str | None, bool]] = field(default_factory=dict)
+    #: audience id -> the key of the definition the answers and states were computed with
+    keys: dict[str, str] = field(default_factory=dict)
+    #: computing failed: the workspace's streaming audiences are to be built again instead
+    failed: bool = False
+
+    def answer(self, live: Live, pid: str, member: bool) -> None:
+        self.answers[(live.id, pid)] = member
+        self.keys[live.id] = live.compiled.key
 
 
 def _chunks(items: Sequence[str], size: int = 900) -> Iterator[Sequence[str]]:
@@ -472,7 +505,7 @@ def _evaluate_profile(
             ):
                 member, due = evaluator.empty(live)
                 if due is None:  # nothing to keep, and the answer is known
-                    work.answers[(live.id, pid)] = member
+                    work.answer(live, pid, member)
                     changed = True
                     continue
         compiled = live.compiled
@@ -487,7 +520,7 @@ def _evaluate_profile(
         if not (touched or recheck or (compiled.reads_profile and profile_changed)):
             continue
         member, due = evaluator.answer(live, state, profile, pid)
-        work.answers[(live.id, pid)] = member
+        work.answer(live, pid, member)
         changed = True
         if state["w"] is None and due is None:
             entries.pop(live.id, None)  # nothing to keep: the empty state answers the same
@@ -508,6 +541,21 @@ def _write(conn: Connection, work: _Work, *, now: datetime) -> tuple[int, int]:
     """Write ``work`` in the caller's transaction: state rows of profiles that still exist,
     membership changes against the membership as it is now; returns (realized, exited)."""
     ws = work.workspace_id
+    in_force = {
+        aid: key
+        for aid, key in conn.execute(
+            select(audiences.c.id, audiences.c.stream_key).where(
+                audiences.c.workspace_id == ws, audiences.c.mode == "streaming"
+            )
+        )
+    }
+    stale = {aid for aid, key in work.keys.items() if in_force.get(aid) != key}
+    if stale:  # deleted or redefined between computing and writing: their answers are void
+        work.answers = {k: v for k, v in work.answers.items() if k[0] not in stale}
+        work.rows = {
+            pid: ({a: e for a, e in entries.items() if a not in stale}, seen)
+            for pid, (entries, seen) in work.rows.items()
+        }
     ids = sorted({*work.rows, *(p for _a, p in work.answers)})
     alive: set[str] = set()
     for part in _chunks(ids):
@@ -636,18 +684,11 @@ def _write(conn: Connection, work: _Work, *, now: datetime) -> tuple[int, int]:
             )
         realized = len(entering)
         exited = sum(len(p) for p in leaving.values())
-    for aid, (key, through, ready) in work.builds.items():
-        conn.execute(
-            update(audiences)
-            .where(audiences.c.id == aid)
-            .values(stream_key=key, stream_through=through, stream_ready=ready)
-        )
     return realized, exited
 
 
 def _lock(conn: Connection) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(text(f"SELECT pg_advisory_xact_lock({_PG_LOCK})"))
+    streaming_lock(conn)
 
 
 # -- folding moved events ----------------------------------------------------------------------
@@ -695,16 +736,20 @@ class Folder:
                 continue
             ids = sorted(events)
             work = _Work(ws)
-            evaluator = _Evaluator(lives, now=now, history=reader(ws))
-            stored = _load_rows(conn, ws, ids)
-            people = _load_profiles(conn, ws, ids)
-            for pid in ids:
-                profile = people.get(pid)
-                if profile is None:  # deleted or merged away meanwhile
-                    continue
-                _evaluate_profile(
-                    work, evaluator, pid, profile, stored.get(pid), events=events[pid]
-                )
+            try:
+                evaluator = _Evaluator(lives, now=now, history=reader(ws))
+                stored = _load_rows(conn, ws, ids)
+                people = _load_profiles(conn, ws, ids)
+                for pid in ids:
+                    profile = people.get(pid)
+                    if profile is None:  # deleted or merged away meanwhile
+                        continue
+                    _evaluate_profile(
+                        work, evaluator, pid, profile, stored.get(pid), events=events[pid]
+                    )
+            except Exception:  # never hold up the move: build this workspace again instead
+                log.exception("streaming fold failed", extra={"workspace": ws})
+                work = _Work(ws, failed=True)
             out.append(work)
         return out
 
@@ -715,6 +760,9 @@ class Folder:
         _lock(conn)
         now = self.hub.clock.now()
         for work in works:
+            if work.failed:
+                invalidate(conn, work.workspace_id)
+                continue
             realized, exited = _write(conn, work, now=now)
             if realized or exited:
                 log.debug(
@@ -767,7 +815,7 @@ def _timers(hub: Hub, folder: Folder, now: datetime) -> int:
                         kept.pop(live.id, None)
                         continue
                     member, turn = evaluator.answer(live, state, profile, pid)
-                    work.answers[(live.id, pid)] = member
+                    work.answer(live, pid, member)
                     kept[live.id] = {"s": state, "d": turn}
                 live_ids = {a.id for a in lives}
                 work.rows[pid] = ({k: v for k, v in kept.items() if k in live_ids}, row[1])
@@ -801,7 +849,8 @@ def _rechecks(hub: Hub, folder: Folder, now: datetime, upto: int) -> int:
             lives = live_audiences(conn, ws)
             if lives:
                 _rebuild_profiles(conn, ws, lives, sorted(wanted), reader(ws), now, replay=wanted)
-        conn.execute(delete(stream_recheck).where(stream_recheck.c.seq <= queued[-1][0]))
+        # only those read: on PostgreSQL a lower seq may commit after a higher one
+        conn.execute(delete(stream_recheck).where(stream_recheck.c.seq.in_([q[0] for q in queued])))
     return len(queued)
 
 
@@ -870,6 +919,9 @@ def _builds(hub: Hub, folder: Folder, now: datetime) -> int:
         )
     done = 0
     for ws in sorted({*workspaces, *ready_but_stale}):
+        with hub.engine.connect() as conn:  # most rounds: nothing to build, no write lock
+            if all(a.ready for a in live_audiences(conn, ws)):
+                continue
         with hub.tx() as conn:
             _lock(conn)
             lives = live_audiences(conn, ws)

@@ -276,7 +276,7 @@ def save_audience(
             .values(version=existing.version + 1, **values)
         )
         action = "audience.update"
-    decide_modes(conn, workspace_id)  # this one's, and those of the audiences containing it
+    decide_modes(conn, workspace_id, name)  # this one's, and those of audiences containing it
     record_audit(
         conn,
         workspace_id=workspace_id,
@@ -627,13 +627,41 @@ def _apply_run(
 ) -> dict[str, Any]:
     """Store a run's members in one transaction that holds the audience (so two runs of one
     audience apply one after the other); a run older than one already applied changes
-    nothing (``superseded``)."""
+    nothing (``superseded``). A streaming audience whose states are built is kept by
+    ``serve``: the run only compares (``compared``: how many would enter and leave), since
+    writing its answer would put memberships out of step with the states."""
     with hub.tx() as conn:
         row = conn.execute(
-            select(audiences.c.last_run_at).where(audiences.c.id == audience.id).with_for_update()
+            select(audiences.c.last_run_at, audiences.c.mode, audiences.c.stream_ready)
+            .where(audiences.c.id == audience.id)
+            .with_for_update()
         ).first()
         if row is None:
             raise NotFound(f"audience {audience.name!r} was deleted during its run")
+        if row.mode == "streaming" and row.stream_ready:
+            held = set(
+                conn.execute(
+                    select(audience_members.c.profile_id).where(
+                        audience_members.c.workspace_id == audience.workspace_id,
+                        audience_members.c.audience_id == audience.id,
+                        audience_members.c.status == "realized",
+                    )
+                ).scalars()
+            )
+            wanted = set(found)
+            realized, exited = len(wanted - held), len(held - wanted)
+            conn.execute(
+                update(audience_runs)
+                .where(audience_runs.c.id == run_id)
+                .values(
+                    status="compared",
+                    members=len(found),
+                    realized=realized,
+                    exited=exited,
+                    finished_at=hub.clock.now(),
+                )
+            )
+            return {"status": "compared", "realized": realized, "exited": exited}
         if row.last_run_at is not None and row.last_run_at > now:
             conn.execute(
                 update(audience_runs)

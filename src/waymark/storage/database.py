@@ -211,6 +211,20 @@ def write_tx(engine: Engine) -> Iterator[Connection]:
             _held.engine = None
 
 
+#: PostgreSQL advisory lock serialising the streaming audiences' writers (waymark.segmentation.live)
+STREAMING_LOCK = 727_002
+
+
+def streaming_lock(conn: Connection) -> None:
+    """On PostgreSQL, hold the streaming lock until ``conn``'s transaction ends: taken by every
+    transaction that folds events or writes streaming states, and by merges and deletions of
+    profiles *before* they touch rows a fold writes (so the two wait in one order and a fold
+    never writes for a profile that a concurrent transaction removes). Nothing on SQLite,
+    where writers are serialised anyway."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({STREAMING_LOCK})")
+
+
 def checkpoint(engine: Engine) -> None:
     """Copy committed WAL pages into the SQLite database file (PASSIVE: writers and readers
     go on meanwhile; nothing happens on other backends). Called off the writers' path so

@@ -176,6 +176,11 @@ class EventLog(Protocol):
         """The newest events of one profile, newest first."""
         ...
 
+    def message_seqs(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The ``seq`` of each logged event by ``(workspace_id, message_id)`` (absent keys are
+        left out): the streaming audiences' order of events recovered after a crash."""
+        ...
+
     def histories(
         self, workspace_id: str, profile_ids: Sequence[str], names: Iterable[str]
     ) -> list[tuple[str, str, datetime, int, dict[str, Any]]]:
@@ -477,6 +482,24 @@ class DuckDBEventLog:
             ).fetchall()
         return [_row_to_event(r) for r in rows]
 
+    def message_seqs(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        if not keys:
+            return {}
+        wanted = pa.table(
+            {"ws": [k[0] for k in keys], "mid": [k[1] for k in keys]},
+        )
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.register("wanted_messages", wanted)
+            try:
+                rows = cur.execute(
+                    "SELECT e.workspace_id, e.message_id, e.seq FROM events e "
+                    "JOIN wanted_messages w ON e.workspace_id = w.ws AND e.message_id = w.mid"
+                ).fetchall()
+            finally:
+                cur.unregister("wanted_messages")
+        return {(ws, mid): int(seq) for ws, mid, seq in rows}
+
     def histories(
         self, workspace_id: str, profile_ids: Sequence[str], names: Iterable[str]
     ) -> list[tuple[str, str, datetime, int, dict[str, Any]]]:
@@ -698,6 +721,20 @@ class PostgresEventLog:
             stmt = stmt.where(t.c.seq < before_seq)
         with self._engine.connect() as conn:
             return [_row_to_event(tuple(r)) for r in conn.execute(stmt)]
+
+    def message_seqs(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        found: dict[tuple[str, str], int] = {}
+        t = events_table
+        with self._engine.connect() as conn:
+            for ws in sorted({k[0] for k in keys}):
+                mids = [k[1] for k in keys if k[0] == ws]
+                for mid, seq in conn.execute(
+                    select(t.c.message_id, t.c.seq).where(
+                        t.c.workspace_id == ws, t.c.message_id.in_(mids)
+                    )
+                ):
+                    found[(ws, mid)] = int(seq)
+        return found
 
     def histories(
         self, workspace_id: str, profile_ids: Sequence[str], names: Iterable[str]
