@@ -418,9 +418,9 @@ class _Evaluator:
         """(member now, next change in micros) for one profile."""
         compiled = live.compiled
         now = self.now
-        watermark = compiled.watermark(state)
-        if watermark is not None and watermark > now:  # the clock went back: ask at the mark
-            now = watermark
+        mark = state["w"]
+        if mark is not None and mark > _micros(now):  # the clock went back: ask at the mark
+            now = _moment(mark)
         member, turn = compiled.evaluate(state, profile, now)
         if member is None:  # past the state's cap: the whole history answers
             member = self._from_history(live, pid, profile)
@@ -451,13 +451,7 @@ def _valid_state(live: Live, entry: Any) -> State | None:
     if not isinstance(entry, dict):
         return None
     state = entry.get("s")
-    if not isinstance(state, dict):
-        return None
-    try:
-        live.compiled.watermark(state)
-    except ValueError:  # a state of an older definition
-        return None
-    return state
+    return state if live.compiled.owns(state) else None  # else of an older definition
 
 
 def _evaluate_profile(

@@ -219,10 +219,17 @@ class Plan:
 # -- instants ---------------------------------------------------------------------------------
 
 
+_last: list[Any] = [None, 0]  # the instant converted last and its microseconds
+
+
 def _micros(moment: datetime) -> int:
+    if moment is _last[0]:  # the same "now" is converted for every audience of a profile
+        return int(_last[1])
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError("instants must be aware datetimes")
-    return (moment - _EPOCH) // _MICRO
+    micros = (moment - _EPOCH) // _MICRO
+    _last[0], _last[1] = moment, micros
+    return micros
 
 
 def _moment(micros: int) -> datetime:
@@ -1345,6 +1352,14 @@ class StreamingAudience:
         ):
             raise ValueError("not a state of this audience definition")
         return state["n"]  # type: ignore[no-any-return]
+
+    def owns(self, state: Any) -> bool:
+        """Whether ``state`` is a state of this definition (cheaper than :meth:`watermark`)."""
+        return (
+            isinstance(state, dict)
+            and state.get("f") == self._definition
+            and state.get("v") == _VERSION
+        )
 
     def watermark(self, state: State) -> datetime | None:
         """The latest ``now`` the state was given: no question may be asked before it."""
