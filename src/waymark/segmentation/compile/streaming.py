@@ -219,16 +219,18 @@ class Plan:
 # -- instants ---------------------------------------------------------------------------------
 
 
-_last: list[Any] = [None, 0]  # the instant converted last and its microseconds
+#: the instant converted last and its microseconds, as one tuple (replaced whole: threads safe)
+_last: list[tuple[datetime | None, int]] = [(None, 0)]
 
 
 def _micros(moment: datetime) -> int:
-    if moment is _last[0]:  # the same "now" is converted for every audience of a profile
-        return int(_last[1])
+    known = _last[0]
+    if moment is known[0]:  # the same "now" is converted for every audience of a profile
+        return known[1]
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError("instants must be aware datetimes")
     micros = (moment - _EPOCH) // _MICRO
-    _last[0], _last[1] = moment, micros
+    _last[0] = (moment, micros)
     return micros
 
 
