@@ -166,3 +166,27 @@ def test_any_name_exports_and_instants_are_bounded(api: Api) -> None:
         assert r.status_code == 400 and "as_of" in r.text, r.text
     r = api.client.post("/v1/audiences/Käufer 日本/runs?as_of=2999-01-01T00:00:00Z", headers=h)
     assert r.status_code == 400 and "future" in r.text
+
+
+def test_a_schema_change_decides_modes_again(api: Api) -> None:
+    _seed(api)
+    h = api.bearer()
+    saved = api.client.post(
+        "/v1/audiences", json={"name": "german", "definition": 'country = "DE"'}, headers=h
+    )
+    assert saved.json()["mode"] == "streaming"
+    flush_once(api.hub)
+    assert api.client.get("/v1/audiences/german", headers=h).json()["stream"] == "ready"
+    smaller = {
+        **SCHEMA,
+        "attributes": {k: v for k, v in SCHEMA["attributes"].items() if k != "country"},
+    }
+    assert api.client.put("/v1/schema", json=smaller, headers=h).status_code == 200
+    # the definition no longer checks: not streamed (a run would say why)
+    assert api.client.get("/v1/audiences/german", headers=h).json()["mode"] == "batch"
+    assert api.client.put("/v1/schema", json=SCHEMA, headers=h).status_code == 200
+    again = api.client.get("/v1/audiences/german", headers=h).json()
+    assert (again["mode"], again["stream"]) == ("streaming", "pending")  # built again
+    flush_once(api.hub)
+    mine = api.client.get("/v1/profiles/user_id/ann/audiences", headers=h).json()
+    assert [m["audience"] for m in mine["audiences"] if m["status"] == "realized"] == ["german"]

@@ -43,6 +43,7 @@ from waymark.ingestion.service import IngestResult
 from waymark.model.events import Identity
 from waymark.profiles import service as profiles
 from waymark.profiles.schema_store import current_schema, save_schema, schema_history
+from waymark.segmentation.live import decide_modes
 
 SEGMENT_CALLS = ("identify", "track", "page", "screen", "alias", "group", "batch")
 JSONObject = dict[str, Any]
@@ -437,6 +438,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
             saved = save_schema(
                 conn, workspace_id=p.workspace_id, document=body, actor=p.actor, at=hub.clock.now()
             )
+            decide_modes(conn, p.workspace_id)  # what can be streamed may change with the schema
         return saved.to_json()
 
     add_audience_routes(app, hub, principal)

@@ -321,6 +321,7 @@ def schema_set(
 ) -> None:
     """Save a new version of the workspace schema from a JSON file."""
     from waymark.profiles.schema_store import save_schema
+    from waymark.segmentation.live import decide_modes
 
     try:
         document = orjson.loads(file.read_bytes())
@@ -332,6 +333,7 @@ def schema_set(
             saved = save_schema(
                 conn, workspace_id=ws, document=document, actor=actor(), at=hub.clock.now()
             )
+            decide_modes(conn, ws)  # what can be streamed may change with the schema
 
     def render() -> None:
         console.print(f"saved schema version {saved.version}")
