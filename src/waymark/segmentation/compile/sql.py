@@ -353,6 +353,9 @@ class _Compiler:
 
     def _span(self, value: exp.Expr, window: ast.Window) -> exp.Expr:
         span = ast.resolve(window, self.now)
+        if span.lo is not None and span.hi is not None and not span.hi_open:
+            # one BETWEEN: an expensive value (a stored moment's pattern check) is read once
+            return exp.Between(this=value.copy(), low=_moment(span.lo), high=_moment(span.hi))
         parts: list[exp.Expr] = []
         if span.lo is not None:
             parts.append(exp.GTE(this=value.copy(), expression=_moment(span.lo)))
