@@ -155,7 +155,10 @@ def main() -> None:
             continue
         with hub.engine.connect() as conn:
             expr = segments.expanded(conn, ws, segments.read_definition(conn, ws, text))
-        generated = compile_sql(expr, workspace_id=ws, now=now, dialect="duckdb").sql("duckdb")
+        # as member_ids compiles it for the embedded log (per-workspace snapshots)
+        generated = compile_sql(
+            expr, workspace_id=ws, now=now, dialect="duckdb", state_scoped=True
+        ).sql("duckdb")
         ours: list[float] = []
         theirs: list[float] = []
         members: set[str] = set()

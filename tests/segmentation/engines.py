@@ -11,7 +11,7 @@ import psycopg
 
 from tests.segmentation.data import Person
 from waymark.segmentation.compile.memory import MemoryEvent, ProfileData, evaluate
-from waymark.segmentation.compile.sql import to_sql
+from waymark.segmentation.compile.sql import compile_sql, to_sql
 from waymark.segmentation.lang.ast import Expr
 
 WORKSPACE = "ws-audiences"
@@ -62,6 +62,13 @@ class DuckEngine:
         self.conn = duckdb.connect()
         self.conn.execute("SET TimeZone = 'UTC'")
         self.conn.execute(_DUCK_TABLES)
+        self.conn.execute("CREATE SCHEMA scoped")
+        for table in ("profiles", "consents"):
+            self.conn.execute(
+                f"CREATE VIEW scoped.{table} AS SELECT * FROM main.{table} "
+                f"WHERE workspace_id = '{WORKSPACE}'"
+            )
+        self.conn.execute("CREATE VIEW scoped.events AS SELECT * FROM main.events")
 
     def load(self, people: Sequence[Person]) -> None:
         profiles, events, consents = _rows(people, WORKSPACE)
@@ -76,7 +83,18 @@ class DuckEngine:
 
     def members(self, expr: Expr, now: datetime) -> set[str]:
         query = to_sql(expr, workspace_id=WORKSPACE, now=now, dialect="duckdb")
-        return {row[0] for row in self.conn.execute(query).fetchall()}
+        found = {row[0] for row in self.conn.execute(query).fetchall()}
+        # as the embedded log runs it: profiles and consents of this workspace only
+        scoped = compile_sql(
+            expr, workspace_id=WORKSPACE, now=now, dialect="duckdb", state_scoped=True
+        ).sql(dialect="duckdb")
+        self.conn.execute("SET search_path = 'scoped'")
+        try:
+            alike = {row[0] for row in self.conn.execute(scoped).fetchall()}
+        finally:
+            self.conn.execute("SET search_path = 'main'")
+        assert alike == found, "the query for per-workspace snapshots finds other members"
+        return found
 
 
 class PgEngine:

@@ -437,7 +437,13 @@ def member_ids(
         full = expanded(conn, workspace_id, expr)
     log = hub.events
     query = compile_sql(
-        full, workspace_id=workspace_id, now=now, dialect=log.dialect, sample_percent=sample_percent
+        full,
+        workspace_id=workspace_id,
+        now=now,
+        dialect=log.dialect,
+        sample_percent=sample_percent,
+        # an embedded log reads snapshots of this workspace's profiles and consents only
+        state_scoped=log.dialect == "duckdb",
     ).sql(dialect=log.dialect)
     read = (lambda: tables) if tables is not None else (lambda: snapshot(hub, workspace_id))
     return [str(v) for v in log.select_column(query, read)]

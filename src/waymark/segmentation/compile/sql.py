@@ -311,7 +311,13 @@ class _Parts:
 
 class _Compiler:
     def __init__(
-        self, *, workspace_id: str, now: datetime, dialect: str, sample_percent: int | None = None
+        self,
+        *,
+        workspace_id: str,
+        now: datetime,
+        dialect: str,
+        sample_percent: int | None = None,
+        state_scoped: bool = False,
     ) -> None:
         if now.tzinfo is None:
             raise ValueError("now must be an aware datetime")
@@ -319,6 +325,7 @@ class _Compiler:
             raise ValueError(f"sampling is only compiled for {', '.join(EXECUTED_DIALECTS)}")
         self.sample_percent = sample_percent
         self.workspace_id = workspace_id
+        self.state_scoped = state_scoped
         self.now = now
         self.dialect = dialect
         self.json = _json_for(dialect)
@@ -731,7 +738,7 @@ class _Compiler:
             .from_("consents")
             .where(
                 exp.and_(
-                    self._workspace(),
+                    self._workspace(state=True),
                     exp.EQ(this=exp.column("channel"), expression=exp.Literal.string(node.channel)),
                     exp.EQ(this=exp.column("purpose"), expression=exp.Literal.string(node.purpose)),
                     exp.In(
@@ -804,13 +811,18 @@ class _Compiler:
         found.append(exp.paren(exp.or_(*per_name)))
         return found
 
-    def _workspace(self, alias: str | None = None, *, sampled: str | None = None) -> exp.Expr:
+    def _workspace(
+        self, alias: str | None = None, *, sampled: str | None = None, state: bool = False
+    ) -> exp.Expr:
         """This workspace's rows (and, when sampling, only the sampled profiles: ``sampled``
-        names the profile id column)."""
-        same = exp.EQ(
+        names the profile id column). ``state``: of ``profiles`` or ``consents``, which need
+        no test when the caller said they hold this workspace's rows only."""
+        same: exp.Expr = exp.EQ(
             this=exp.column("workspace_id", alias) if alias else exp.column("workspace_id"),
             expression=exp.Literal.string(self.workspace_id),
         )
+        if state and self.state_scoped:
+            same = exp.true()
         if self.sample_percent is None or sampled is None:
             return same
         column = exp.column(sampled, alias) if alias else exp.column(sampled)
@@ -845,7 +857,7 @@ class _Compiler:
                     .from_(exp.alias_(exp.to_table("profiles"), "p", table=True))
                     .where(
                         exp.and_(
-                            self._workspace("p"),
+                            self._workspace("p", state=True),
                             exp.EQ(
                                 this=exp.column("id", "p"),
                                 expression=exp.column("profile_id", "events"),
@@ -897,7 +909,7 @@ class _Compiler:
                     exp.alias_(_fn("json_extract", exp.column("attributes"), paths), "js"),
                 )
                 .from_("profiles")
-                .where(self._workspace(sampled="id"))
+                .where(self._workspace(sampled="id", state=True))
             )
             ctes.append(("pj", parsed))
             profiles = exp.to_table("pj")
@@ -918,7 +930,7 @@ class _Compiler:
                 # from the (few) aggregate rows instead of every profile
                 join_type="INNER" if name == "agg" and inner else "LEFT",
             )
-        select = select.where(exp.and_(self._workspace("p", sampled="id"), where))
+        select = select.where(exp.and_(self._workspace("p", sampled="id", state=True), where))
         for name, cte in ctes:
             # PostgreSQL inlines a CTE used once; the zone list is read once all the same
             select = select.with_(name, as_=cte, materialized=True if name == "zones" else None)
@@ -954,15 +966,22 @@ def compile_sql(
     now: datetime,
     dialect: str = "duckdb",
     sample_percent: int | None = None,
+    state_scoped: bool = False,
 ) -> exp.Select:
     """The members of ``expr`` at ``now``, as one ``SELECT profile_id`` for ``dialect``.
 
     ``expr`` must be checked (types filled) and expanded (no ``in audience``). With
     ``sample_percent`` only profiles whose id hashes into that share of 100 buckets are read
-    (the same profiles every time: size estimates).
+    (the same profiles every time: size estimates). ``state_scoped``: the caller promises
+    that ``profiles`` and ``consents`` hold this workspace's rows only (the embedded log's
+    per-workspace snapshots), so they are not filtered again; ``events`` always is.
     """
     return _Compiler(
-        workspace_id=workspace_id, now=now, dialect=dialect, sample_percent=sample_percent
+        workspace_id=workspace_id,
+        now=now,
+        dialect=dialect,
+        sample_percent=sample_percent,
+        state_scoped=state_scoped,
     ).query(expr)
 
 
