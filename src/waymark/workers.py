@@ -4,6 +4,7 @@ audiences), streaming upkeep, unfinished privacy deletions and scheduled audienc
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 from starlette.concurrency import run_in_threadpool
@@ -93,6 +94,11 @@ async def run_background(hub: Hub) -> None:
     if stale:
         log.warning("marked interrupted audience runs as failed", extra={"count": stale})
     interval = hub.settings.flush_interval_ms / 1000
+    # the cyclic collector's full passes over a serving heap took ~100 ms each, stalling the
+    # mover (and so every membership change behind it): leave what start-up built out of them,
+    # and run them less often
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     schedules = asyncio.create_task(_audience_schedules(hub))
     checkpoints = asyncio.create_task(_checkpoints(hub, interval))
     try:
