@@ -176,7 +176,8 @@ def test_a_schema_change_decides_modes_again(api: Api) -> None:
     )
     assert saved.json()["mode"] == "streaming"
     flush_once(api.hub)
-    assert api.client.get("/v1/audiences/german", headers=h).json()["stream"] == "ready"
+    built = api.client.get("/v1/audiences/german", headers=h).json()
+    assert (built["stream"], built["stream_progress"]) == ("ready", {"state": "ready"})
     smaller = {
         **SCHEMA,
         "attributes": {k: v for k, v in SCHEMA["attributes"].items() if k != "country"},

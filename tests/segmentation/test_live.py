@@ -39,6 +39,21 @@ def _workspace(hub: Hub) -> str:
     return ws.id
 
 
+def _with_shipping(hub: Hub, ws: str) -> None:
+    """The demo schema with a timestamp property on purchases (for batch-only filters)."""
+    purchase = SCHEMA["events"]["purchase"]
+    shipped = {**purchase["properties"], "shipped_at": {"type": "timestamp"}}
+    events = {**SCHEMA["events"], "purchase": {**purchase, "properties": shipped}}
+    with hub.tx() as conn:
+        save_schema(
+            conn,
+            workspace_id=ws,
+            document={**SCHEMA, "events": events},
+            actor="t",
+            at=hub.clock.now(),
+        )
+
+
 def _save(hub: Hub, ws: str, name: str, text: str) -> segments.Audience:
     with hub.tx() as conn:
         return segments.save_audience(
@@ -302,21 +317,7 @@ def test_past_the_state_cap_the_profile_is_evaluated_from_its_history(
 
 def test_batch_audiences_are_left_to_runs(hub: Hub) -> None:
     ws = _workspace(hub)
-    document = {
-        **SCHEMA,
-        "events": {
-            **SCHEMA["events"],
-            "purchase": {
-                **SCHEMA["events"]["purchase"],
-                "properties": {
-                    **SCHEMA["events"]["purchase"]["properties"],
-                    "shipped_at": {"type": "timestamp"},
-                },
-            },
-        },
-    }
-    with hub.tx() as conn:
-        save_schema(conn, workspace_id=ws, document=document, actor="t", at=hub.clock.now())
+    _with_shipping(hub, ws)
     saved = _save(hub, ws, "shipped lately", "purchase where shipped_at within last 2 days")
     assert saved.mode == "batch" and saved.stream is None
     # an audience containing a batch-only one is batch-only too, and changes with it
@@ -395,21 +396,7 @@ def _batch_members(hub: Hub, ws: str, name: str) -> set[str]:
 
 def test_a_definition_changed_and_changed_back_is_built_again(hub: Hub) -> None:
     ws = _workspace(hub)
-    document = {
-        **SCHEMA,
-        "events": {
-            **SCHEMA["events"],
-            "purchase": {
-                **SCHEMA["events"]["purchase"],
-                "properties": {
-                    **SCHEMA["events"]["purchase"]["properties"],
-                    "shipped_at": {"type": "timestamp"},
-                },
-            },
-        },
-    }
-    with hub.tx() as conn:
-        save_schema(conn, workspace_id=ws, document=document, actor="t", at=hub.clock.now())
+    _with_shipping(hub, ws)
     _save(hub, ws, "twice", "count(purchase) >= 2")
     flush_once(hub)
     _send(hub, ws, _buy("ann"))

@@ -19,6 +19,7 @@ from waymark.core.errors import InvalidInput, Issue
 from waymark.hub import Hub
 from waymark.profiles import service as profiles
 from waymark.segmentation import service as segments
+from waymark.segmentation.live import stream_status
 from waymark.workers import flush_once
 
 JSONObject = dict[str, Any]
@@ -106,7 +107,11 @@ def add_audience_routes(app: FastAPI, hub: Hub, principal: Authorize) -> None:
     def get_audience(request: Request, name: str) -> JSONObject:
         p = principal(request, Scope.READ)
         with hub.engine.connect() as conn:
-            return segments.get_audience(conn, p.workspace_id, name).to_json()
+            audience = segments.get_audience(conn, p.workspace_id, name)
+            found = audience.to_json()
+            if audience.mode == "streaming":  # how far serve has built its states
+                found["stream_progress"] = stream_status(conn, p.workspace_id, audience.id)
+            return found
 
     @app.delete("/v1/audiences/{name}", tags=["audiences"], status_code=204)
     def delete_audience(request: Request, name: str) -> Response:

@@ -35,7 +35,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from operator import attrgetter
 from typing import Any, Final
 
@@ -57,6 +57,8 @@ from waymark.segmentation.compile.streaming import (
     State,
     StreamingAudience,
     compile_streaming,
+    from_micros,
+    to_micros,
 )
 from waymark.segmentation.compile.streaming import plan as streaming_plan
 from waymark.segmentation.lang import ast
@@ -296,18 +298,8 @@ def stream_status(conn: Connection, workspace_id: str, audience_id: str) -> dict
 
 # -- per-profile state rows --------------------------------------------------------------------
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _micros(moment: datetime) -> int:
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _moment(micros: int) -> datetime:
-    from datetime import timedelta
-
-    return _EPOCH + timedelta(microseconds=micros)
+_micros = to_micros  # instants as the states keep them (microseconds since 1970, UTC)
+_moment = from_micros
 
 
 @dataclass(slots=True)

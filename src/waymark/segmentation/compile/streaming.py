@@ -168,7 +168,9 @@ __all__ = [
     "StateOverflow",
     "StreamingAudience",
     "compile_streaming",
+    "from_micros",
     "plan",
+    "to_micros",
 ]
 
 #: The state of one (profile, audience): JSON (dicts, lists, strings, numbers, booleans, None).
@@ -236,6 +238,11 @@ def _micros(moment: datetime) -> int:
 
 def _moment(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
+
+
+#: public names of the conversions, for the callers that store instants as the states do
+to_micros = _micros
+from_micros = _moment
 
 
 def _span(duration: Duration) -> int:
