@@ -29,11 +29,13 @@ from waymark.segmentation.compile.memory import (
     evaluate,
 )
 from waymark.segmentation.compile.streaming import (
+    Asking,
     State,
     StateOverflow,
     StreamingAudience,
     compile_streaming,
     plan,
+    to_micros,
 )
 from waymark.segmentation.lang.ast import (
     And,
@@ -136,12 +138,30 @@ class Replay:
             t = turn
             value = self.agree(t)
 
+    def same_step(self, before: State, item: MemoryEvent, now: datetime) -> None:
+        """``step`` (the worker's fast path) folds and answers as ``on_event``, ``evaluate``
+        and ``next_change`` do (at the watermark when ``now`` is earlier)."""
+        stepped, answer, turn = self.audience.step(
+            before, [(to_micros(item.timestamp), item)], Asking(self.view, now)
+        )
+        if item.name in self.audience.names:
+            assert stepped == self.state
+        else:  # no condition reads it: the same state, its watermark not moved
+            assert stepped is before
+        at = max(now, self.audience.watermark(stepped) or now)
+        expected, change = self.audience.evaluate(stepped, self.view, at)
+        assert answer == expected
+        assert turn == (None if change is None else to_micros(change))
+        assert change == self.audience.next_change(stepped, self.view, at)
+
     def run(self, order: Sequence[MemoryEvent], arrivals: Sequence[datetime]) -> None:
         first = arrivals[0] if arrivals else LATEST
         for t in [x for x in self.checks if x < first][:4]:
             self.agree(t)  # an empty state answers at any instant
         for index, (item, now) in enumerate(zip(order, arrivals, strict=True)):
+            before = self.state
             self.state = self.audience.on_event(self.state, item, now=now)
+            self.same_step(before, item, now)
             if self.roundtrip:
                 self.state = json.loads(json.dumps(self.state, allow_nan=False))
             self.seen.append(item)

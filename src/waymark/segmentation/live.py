@@ -54,6 +54,7 @@ from waymark.segmentation.compile.memory import (
     compile_memory,
 )
 from waymark.segmentation.compile.streaming import (
+    Asking,
     State,
     StreamingAudience,
     compile_streaming,
@@ -385,15 +386,22 @@ class _Evaluator:
     ) -> None:
         self.audiences = audiences_
         self.ids = frozenset(a.id for a in audiences_)
-        by_name: dict[str, set[str]] = defaultdict(set)
+        by_name: dict[str, list[Live]] = defaultdict(list)
         for a in audiences_:
             for name in a.compiled.names:
-                by_name[name].add(a.id)
+                by_name[name].append(a)
         #: event name -> the audiences whose states its events may change
         self.by_name = dict(by_name)
+        #: the audiences whose answers read the profile's attributes or consents
+        self.readers = [a for a in audiences_ if a.compiled.reads_profile]
         self.now = now
+        self.t = _micros(now)
         self.history = history  # (profile ids, names) -> list of history tuples
         self._empty: dict[str, tuple[bool, int | None]] = {}
+
+    def asking(self, profile: _Profile) -> Asking:
+        """The question about ``profile`` now, shared by every audience asked about it."""
+        return Asking(profile, self.now, self.t)
 
     def empty(self, live: Live) -> tuple[bool, int | None]:
         """The answer of an audience that reads no profile data for a profile with no event
@@ -405,18 +413,16 @@ class _Evaluator:
         return known
 
     def answer(
-        self, live: Live, state: State, profile: _Profile, pid: str
+        self, live: Live, state: State, profile: _Profile, pid: str, asking: Asking | None = None
     ) -> tuple[bool, int | None]:
-        """(member now, next change in micros) for one profile."""
-        compiled = live.compiled
-        now = self.now
-        mark = state["w"]
-        if mark is not None and mark > _micros(now):  # the clock went back: ask at the mark
-            now = _moment(mark)
-        member, turn = compiled.evaluate(state, profile, now)
+        """(member now, next change in micros) for one profile (``asking``: the question about
+        it, if already built)."""
+        if asking is None:
+            asking = self.asking(profile)
+        _same, member, turn = live.compiled.step(state, (), asking)
         if member is None:  # past the state's cap: the whole history answers
             member = self._from_history(live, pid, profile)
-        return member, None if turn is None else _micros(turn)
+        return member, turn
 
     def _from_history(self, live: Live, pid: str, profile: _Profile) -> bool:
         events = [
@@ -446,6 +452,11 @@ def _valid_state(live: Live, entry: Any) -> State | None:
     return state if live.compiled.owns(state) else None  # else of an older definition
 
 
+def _stamped(events: Iterable[MemoryEvent]) -> list[tuple[int, MemoryEvent]]:
+    """Events in time order, each with its timestamp in microseconds."""
+    return [(_micros(e.timestamp), e) for e in sorted(events, key=_ORDER)]
+
+
 def _evaluate_profile(
     work: _Work,
     evaluator: _Evaluator,
@@ -466,46 +477,50 @@ def _evaluate_profile(
     state changed, when it reads the profile and the profile changed since its last evaluation
     (its ``updated_at``), when ``recheck`` asks, or when the profile was never seen (no row)."""
     before, seen = stored if stored is not None else ({}, None)
-    entries: dict[str, Any] = {k: v for k, v in before.items() if k in evaluator.ids}
+    ids = evaluator.ids
+    entries: dict[str, Any] = (
+        dict(before) if ids.issuperset(before) else {k: v for k, v in before.items() if k in ids}
+    )
     recheck = recheck or stored is None
     profile_changed = recheck or seen != profile.updated_at
     changed = profile_changed or len(entries) != len(before)
-    new_events = sorted(events or (), key=_ORDER)
-    past = sorted(history or (), key=_ORDER)
-    concerned: set[str] = set()
-    for name in {e.name for e in new_events}:
-        concerned |= evaluator.by_name.get(name, set())
-    now = evaluator.now
-    for live in evaluator.audiences:
-        rebuilding = live.id in replay
-        if not rebuilding:
-            wanted = (
-                recheck or live.id in concerned or (profile_changed and live.compiled.reads_profile)
-            )
-            if not wanted or not live.covers(pid):
+    new_events = _stamped(events) if events else []
+    concerned: dict[str, Live] = {}
+    for name in {e.name for _x, e in new_events}:
+        for live in evaluator.by_name.get(name, ()):
+            concerned[live.id] = live
+    chosen: Iterable[Live]
+    if recheck:
+        chosen = evaluator.audiences
+    elif replay or (profile_changed and evaluator.readers):
+        picked = dict(concerned)
+        if profile_changed:
+            picked.update((a.id, a) for a in evaluator.readers)
+        picked.update((a.id, a) for a in evaluator.audiences if a.id in replay)
+        chosen = picked.values()
+    else:
+        chosen = concerned.values()
+    past = _stamped(history) if replay and history else []
+    asking = evaluator.asking(profile)
+    for live in chosen:
+        compiled = live.compiled
+        if live.id in replay:
+            state, member, due = compiled.step(compiled.new_state(), past, asking)
+        else:
+            if not live.covers(pid):
                 continue
-            if (
-                live.id not in concerned
-                and not live.compiled.reads_profile
-                and live.id not in entries
-            ):
-                member, due = evaluator.empty(live)
-                if due is None:  # nothing to keep, and the answer is known
-                    work.answer(live, pid, member)
+            mine = live.id in concerned
+            if not mine and not compiled.reads_profile and live.id not in entries:
+                member_, due_ = evaluator.empty(live)
+                if due_ is None:  # nothing to keep, and the answer is known
+                    work.answer(live, pid, member_)
                     changed = True
                     continue
-        compiled = live.compiled
-        if rebuilding:
-            state = compiled.on_events(compiled.new_state(), past, now=now)
-            touched = True
-        else:
             old = _valid_state(live, entries.get(live.id))
             base = old if old is not None else compiled.new_state()
-            state = compiled.on_events(base, new_events, now=now) if new_events else base
-            touched = state is not base
-        if not (touched or recheck or (compiled.reads_profile and profile_changed)):
-            continue
-        member, due = evaluator.answer(live, state, profile, pid)
+            state, member, due = compiled.step(base, new_events if mine else (), asking)
+        if member is None:  # past the state's cap: the whole history answers
+            member = evaluator._from_history(live, pid, profile)
         work.answer(live, pid, member)
         changed = True
         if state["w"] is None and due is None:
@@ -792,6 +807,7 @@ def _timers(hub: Hub, folder: Folder, now: datetime) -> int:
                     work.rows[pid] = ({}, None)
                     continue
                 kept = dict(row[0])
+                asking = evaluator.asking(profile)
                 for live in lives:
                     entry = kept.get(live.id)
                     if entry is None or entry.get("d") is None or entry["d"] > micros:
@@ -800,7 +816,7 @@ def _timers(hub: Hub, folder: Folder, now: datetime) -> int:
                     if state is None or not live.covers(pid):
                         kept.pop(live.id, None)
                         continue
-                    member, turn = evaluator.answer(live, state, profile, pid)
+                    member, turn = evaluator.answer(live, state, profile, pid, asking)
                     work.answer(live, pid, member)
                     kept[live.id] = {"s": state, "d": turn}
                 live_ids = {a.id for a in lives}

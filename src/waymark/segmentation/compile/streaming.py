@@ -162,6 +162,7 @@ from waymark.segmentation.lang.ast import (
 from waymark.segmentation.lang.printer import to_text
 
 __all__ = [
+    "Asking",
     "Plan",
     "ProfileView",
     "State",
@@ -575,16 +576,20 @@ def _matcher(ref: EventRef) -> Callable[[MemoryEvent], bool]:
 # -- evaluation -----------------------------------------------------------------------------------
 
 
-class _Context:
-    """One question: the profile now and the instant (aware and in microseconds)."""
+class Asking:
+    """One question: a profile (attributes and consents now) at one instant ``now`` (aware).
+    Build it once per profile and instant and pass it to :meth:`StreamingAudience.step` of
+    every audience asked about that profile then: what the audiences read of the profile is
+    prepared once for all of them."""
 
     __slots__ = ("_prepared", "attributes", "consents", "now", "t", "zone")
 
-    def __init__(self, profile: ProfileView, now: datetime, t: int) -> None:
+    def __init__(self, profile: ProfileView, now: datetime, t: int | None = None) -> None:
         self.attributes = profile.attributes
         self.consents = profile.consents
         self.now = now
-        self.t = t
+        #: ``now`` in microseconds since 1970
+        self.t: int = _micros(now) if t is None else t
         self.zone = _zone(self.attributes)
         self._prepared: PreparedProfile | None = None
 
@@ -596,6 +601,15 @@ class _Context:
             self._prepared = PreparedProfile(profile, self.now)
         return self._prepared
 
+    def at(self, t: int) -> Asking:
+        """The same profile asked at ``t`` (microseconds)."""
+        if t == self.t:
+            return self
+        return Asking(self, _moment(t), t)
+
+
+_Context = Asking
+
 
 class _Node:
     """A compiled condition: its answer (None: unknown) and its next turn, from the state."""
@@ -605,6 +619,10 @@ class _Node:
 
     def change(self, slots: list[Any], ctx: _Context) -> int | None:
         raise NotImplementedError
+
+    def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
+        """``value`` and ``change`` at once."""
+        return self.value(slots, ctx), self.change(slots, ctx)
 
 
 class _All(_Node):
@@ -624,6 +642,19 @@ class _All(_Node):
     def change(self, slots: list[Any], ctx: _Context) -> int | None:
         return _earliest(*(item.change(slots, ctx) for item in self.items))
 
+    def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
+        answer: bool | None = True
+        turn: int | None = None
+        for item in self.items:
+            found, when = item.judge(slots, ctx)
+            if found is False:
+                answer = False
+            elif found is None and answer is True:
+                answer = None
+            if when is not None and (turn is None or when < turn):
+                turn = when
+        return answer, turn
+
 
 class _Any(_Node):
     def __init__(self, items: tuple[_Node, ...]) -> None:
@@ -642,6 +673,19 @@ class _Any(_Node):
     def change(self, slots: list[Any], ctx: _Context) -> int | None:
         return _earliest(*(item.change(slots, ctx) for item in self.items))
 
+    def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
+        answer: bool | None = False
+        turn: int | None = None
+        for item in self.items:
+            found, when = item.judge(slots, ctx)
+            if found is True:
+                answer = True
+            elif found is None and answer is False:
+                answer = None
+            if when is not None and (turn is None or when < turn):
+                turn = when
+        return answer, turn
+
 
 class _Negation(_Node):
     def __init__(self, item: _Node) -> None:
@@ -653,6 +697,10 @@ class _Negation(_Node):
 
     def change(self, slots: list[Any], ctx: _Context) -> int | None:
         return self.item.change(slots, ctx)
+
+    def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
+        found, turn = self.item.judge(slots, ctx)
+        return None if found is None else not found, turn
 
 
 class _Profile(_Node):
@@ -1194,6 +1242,25 @@ class _SequenceNode(_EventNode):
                 candidates += [begins, until]
         return _after(candidates, ctx.t)
 
+    def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
+        slot = slots[self.index]
+        if slot["d"]:
+            return True, None
+        t = ctx.t
+        spans = () if self.monotone else self._spans(slot["b"])
+        candidates: list[int | None] = [slot["e"], *_unknown_edges(slot["u"])]
+        for begins, until in spans:
+            candidates += [begins, until]
+        turn = _after(candidates, t)
+        if _unknown_at(slot["u"], t):
+            return None, turn
+        held = slot["e"] is not None and slot["e"] <= t
+        if not held:
+            held = any(begins <= t and (until is None or t < until) for begins, until in spans)
+        if slot["z"] and not (held and not self.absent):
+            return None, turn
+        return held, turn
+
 
 # -- compilation ----------------------------------------------------------------------------------
 
@@ -1445,6 +1512,41 @@ class StreamingAudience:
         if turn is None or turn > _LAST or turn < _FIRST:
             return answer, None
         return answer, _moment(turn)
+
+    def step(
+        self, state: State, events: Iterable[tuple[int, MemoryEvent]], asking: Asking
+    ) -> tuple[State, bool | None, int | None]:
+        """Fold ``events`` (each with its timestamp in microseconds) into ``state`` at
+        ``asking.now``, as :meth:`on_events` does, and answer as :meth:`evaluate` does, at
+        ``asking.now`` or at the state's watermark if that is later (the clock went back).
+        Returns the new state (the same object when no event concerns this audience), the
+        answer (None: unknown past the cap) and the next change in microseconds (None: never).
+        The fast path of the streaming worker: the state is validated once, no instant is
+        converted."""
+        slots = self._slots(state)
+        t = asking.t
+        w = state["w"]
+        if w is None or w < t:
+            w = t
+        nodes_of = self._by_name
+        new_slots: list[Any] | None = None
+        for x, event in events:
+            nodes = nodes_of.get(event.name)
+            if not nodes:
+                continue
+            if new_slots is None:
+                new_slots = list(slots)
+            for node in nodes:
+                new_slots[node.index] = node.add(new_slots[node.index], event, x, w)
+        if new_slots is not None:
+            state = {"v": _VERSION, "f": self._definition, "w": w, "n": new_slots}
+            slots = new_slots
+        elif state["w"] is not None:
+            w = state["w"]
+        answer, turn = self._root.judge(slots, asking if w <= t else asking.at(w))
+        if turn is not None and (turn > _LAST or turn < _FIRST):
+            turn = None
+        return state, answer, turn
 
     def next_change(self, state: State, profile: ProfileView, now: datetime) -> datetime | None:
         """The earliest instant after ``now`` at which the answer may change with no new input
