@@ -502,31 +502,36 @@ def _evaluate_profile(
         chosen = concerned.values()
     past = _stamped(history) if replay and history else []
     asking = evaluator.asking(profile)
+    answers, keys = work.answers, work.keys
     for live in chosen:
         compiled = live.compiled
-        if live.id in replay:
+        aid = live.id
+        if aid in replay:
             state, member, due = compiled.step(compiled.new_state(), past, asking)
         else:
             if not live.covers(pid):
                 continue
-            mine = live.id in concerned
-            if not mine and not compiled.reads_profile and live.id not in entries:
+            mine = aid in concerned
+            entry = entries.get(aid)
+            if entry is None and not mine and not compiled.reads_profile:
                 member_, due_ = evaluator.empty(live)
                 if due_ is None:  # nothing to keep, and the answer is known
-                    work.answer(live, pid, member_)
+                    answers[(aid, pid)] = member_
+                    keys[aid] = compiled.key
                     changed = True
                     continue
-            old = _valid_state(live, entries.get(live.id))
-            base = old if old is not None else compiled.new_state()
+            old = entry.get("s") if type(entry) is dict else None
+            base = old if old is not None and compiled.owns(old) else compiled.new_state()
             state, member, due = compiled.step(base, new_events if mine else (), asking)
         if member is None:  # past the state's cap: the whole history answers
             member = evaluator._from_history(live, pid, profile)
-        work.answer(live, pid, member)
+        answers[(aid, pid)] = member
+        keys[aid] = compiled.key
         changed = True
         if state["w"] is None and due is None:
-            entries.pop(live.id, None)  # nothing to keep: the empty state answers the same
+            entries.pop(aid, None)  # nothing to keep: the empty state answers the same
         else:
-            entries[live.id] = {"s": state, "d": due}
+            entries[aid] = {"s": state, "d": due}
     if changed:
         work.rows[pid] = (entries, profile.updated_at)
 

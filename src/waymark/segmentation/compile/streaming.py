@@ -370,12 +370,9 @@ def _bounds(window: Window | None, *, events: bool) -> _Bounds:
 # -- kept events ----------------------------------------------------------------------------------
 
 
-def _stamp(item: _Item) -> int:
-    return int(item[0])
-
-
-def _key(item: _Item) -> tuple[int, int]:
-    return int(item[0]), int(item[1])
+#: a kept event's timestamp, and its order (timestamp, seq): both integers in every state
+_stamp: Final[Callable[[_Item], int]] = operator.itemgetter(0)
+_key: Final[Callable[[_Item], tuple[int, int]]] = operator.itemgetter(0, 1)
 
 
 def _merge(older: list[_Item], newer: list[_Item]) -> list[_Item]:
@@ -790,8 +787,23 @@ class _CountNode(_EventNode):
         if self.keep <= 0 or not self.accepts(event, x):
             return slot
         bounds = self.bounds
+        if self._simple(slot) and bounds.hi_ok(x, w):
+            # The common case, the same as below: a sliding window with nothing pending or
+            # unknown, and an event that is inside the upper bound now.
+            lo = w + bounds.lo_off  # type: ignore[operator]
+            if x < lo:
+                return slot  # already gone
+            entered: list[_Item] = slot["e"]
+            item = [x, event.seq]
+            if not entered or _key(entered[-1]) <= (x, event.seq):
+                entered = [*entered, item]
+            else:
+                entered = list(entered)
+                insort(entered, item, key=_key)
+            cut = max(bisect_left(entered, lo, key=_stamp), len(entered) - self.keep)
+            return {"c": slot["c"], "e": entered[cut:] if cut else entered, "p": [], "u": None}
         counter: int = slot["c"]
-        entered: list[_Item] = slot["e"]
+        entered = slot["e"]
         pending: list[_Item] = list(slot["p"])
         unknown: _Unknown = _settle(slot["u"], w)
         insort(pending, [x, event.seq], key=_key)
@@ -808,6 +820,33 @@ class _CountNode(_EventNode):
             pending = pending[: max(self.keep - counter, 0)]
             pending, unknown = self._pending_cap(pending, unknown)
         return {"c": counter, "e": entered, "p": pending, "u": unknown}
+
+    def _simple(self, slot: dict[str, Any]) -> bool:
+        """A sliding window's slot with nothing pending or unknown, of at most the cap."""
+        return self.bounds.sliding and not slot["p"] and slot["u"] is None and self.keep <= self.cap
+
+    def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
+        if self.keep <= 0:
+            return self.op(0.0, self.target), None
+        slot = slots[self.index]
+        if not self._simple(slot):
+            return self.value(slots, ctx), self.change(slots, ctx)
+        # Every kept event is inside the upper bound; they leave oldest first.
+        lo_off: int = self.bounds.lo_off  # type: ignore[assignment]
+        entered: list[_Item] = slot["e"]
+        inside = bisect_left(entered, ctx.t + lo_off, key=_stamp)
+        count = slot["c"] + len(entered) - inside
+        op, target = self.op, self.target
+        before = op(float(count), target)
+        last = len(entered) - 1
+        for position in range(inside, last + 1):
+            count -= 1
+            x = entered[position][0]
+            if position < last and entered[position + 1][0] == x:
+                continue  # leaves at the same instant as the next one
+            if op(float(count), target) != before:
+                return before, x - lo_off + 1
+        return before, None
 
     def value(self, slots: list[Any], ctx: _Context) -> bool | None:
         if self.keep <= 0:
@@ -1078,6 +1117,9 @@ class _SequenceNode(_EventNode):
             raise ValueError("a sequence has at least two steps")
         super().__init__(index, node.steps[0], cap)
         self.steps = tuple(_matcher(step) for step in node.steps)
+        #: each step's bit in a kept event's mask, and all of them
+        self.bits = tuple(1 << position for position in range(len(node.steps)))
+        self.every = (1 << len(node.steps)) - 1
         self.names = frozenset(step.name for step in node.steps)
         self.within = _span(node.within)
         self.absent = node.absent_last
@@ -1104,11 +1146,15 @@ class _SequenceNode(_EventNode):
 
     def _table(self, kept: list[_Item]) -> list[tuple[list[tuple[int, int]], list[int]]]:
         """Per step, the keys and timestamps of the kept events that can play it."""
-        table: list[tuple[list[tuple[int, int]], list[int]]] = []
-        for position in range(len(self.steps)):
-            bit = 1 << position
-            keys = [_key(item) for item in kept if item[2] & bit]
-            table.append((keys, [key[0] for key in keys]))
+        table: list[tuple[list[tuple[int, int]], list[int]]] = [([], []) for _ in self.steps]
+        bits = self.bits
+        for item in kept:
+            mask = item[2]
+            key = (item[0], item[1])
+            for bit, (keys, stamps) in zip(bits, table, strict=True):
+                if mask & bit:
+                    keys.append(key)
+                    stamps.append(key[0])
         return table
 
     def _active(
@@ -1205,7 +1251,13 @@ class _SequenceNode(_EventNode):
         possibly through the event at ``x``) counts."""
         low = bisect_left(kept, x - self.within, key=_stamp)
         high = bisect_right(kept, x + self.within, key=_stamp)
-        table = self._table(kept[low:high])
+        near = kept[low:high]
+        played = 0
+        for item in near:
+            played |= item[2]
+        if played != self.every:  # a step no event near can play: no chain
+            return None
+        table = self._table(near)
         first: int | None = None
         for start in table[0][0]:
             if start[0] > x:
@@ -1419,15 +1471,15 @@ class StreamingAudience:
         return empty
 
     def _slots(self, state: State) -> list[Any]:
+        slots = state.get("n") if isinstance(state, dict) else None
         if (
-            not isinstance(state, dict)
-            or state.get("v") != _VERSION
+            type(slots) is not list
             or state.get("f") != self._definition
-            or not isinstance(state.get("n"), list)
-            or len(state["n"]) != len(self._events)
+            or state.get("v") != _VERSION
+            or len(slots) != len(self._events)
         ):
             raise ValueError("not a state of this audience definition")
-        return state["n"]  # type: ignore[no-any-return]
+        return slots
 
     def owns(self, state: Any) -> bool:
         """Whether ``state`` is a state of this definition (cheaper than :meth:`watermark`)."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Final, TypeAlias
 from zoneinfo import ZoneInfo
 
@@ -479,9 +480,17 @@ _STORED_DATE_RE: Final = re.compile(STORED_DATE)
 
 def read_moment(value: Any) -> datetime | None:
     """A stored timestamp (see :data:`STORED_MOMENT`) as an aware UTC datetime, else None."""
-    if not isinstance(value, str) or not _STORED_MOMENT_RE.match(value):
+    if not isinstance(value, str):
         return None
-    return parse_moment(value)
+    return _stored_moment(value)
+
+
+@lru_cache(maxsize=16_384)
+def _stored_moment(text: str) -> datetime | None:
+    # Cached: the audiences of a workspace read the same attribute of a profile many times.
+    if not _STORED_MOMENT_RE.match(text):
+        return None
+    return parse_moment(text)
 
 
 def read_number(value: Any) -> float | None:
