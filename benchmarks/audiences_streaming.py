@@ -1,6 +1,7 @@
 """Benchmark: streaming audiences, as ``waymark serve`` keeps them.
 
     PYTHONPATH=src .venv/bin/python benchmarks/audiences_streaming.py throughput
+    PYTHONPATH=src .venv/bin/python benchmarks/audiences_streaming.py demo
     PYTHONPATH=src .venv/bin/python benchmarks/audiences_streaming.py latency
 
 ``throughput``: 100 streaming audiences (the ten kinds of condition of ``audiences_edge.py``,
@@ -10,6 +11,12 @@ timed), then the mover moves them from the inbox to the log and folds them into 
 streaming states (fold, membership answers, timers, writes of states and changes), in
 batches as ``serve`` does. Prints events per second of the move-and-fold, and of the
 streaming evaluator alone on the same events (states in memory, no storage).
+
+``demo``: the streaming evaluator alone (states in memory, no storage) on the demo generator's
+event stream: ``--profiles`` customers over ``--days`` days (with its anonymous visitors, each
+their own profile here), all events in time order; the states are built from all but the last
+``--events`` (not timed), then those are folded in batches of ``--batch``, each batch at the
+instant of its last event. The garbage collector is set as ``waymark serve`` sets it.
 
 ``latency``: starts ``waymark serve`` (a subprocess, embedded default) with the same 100
 audiences, sends ``--rate`` events per second over HTTP for ``--seconds`` (Segment ``/v1/batch``
@@ -227,6 +234,84 @@ def throughput(args: argparse.Namespace) -> None:
     )
 
 
+def demo(args: argparse.Namespace) -> None:
+    import gc
+
+    import duckdb
+
+    from waymark.demo.generate import generate
+
+    folder = Path(tempfile.mkdtemp(prefix="wm-stream-demo-"))
+    generate(folder, profiles=args.profiles, end=datetime(2026, 3, 1, tzinfo=UTC), days=args.days)
+    rows = duckdb.sql(
+        "SELECT coalesce(user_id, anonymous_id), "
+        "CASE WHEN type = 'track' THEN event ELSE type END, timestamp, properties "
+        f"FROM '{folder / 'events.parquet'}' ORDER BY timestamp"
+    ).fetchall()
+    stream = [
+        (pid, MemoryEvent(name, ts, seq, json.loads(props) if props else {}))
+        for seq, (pid, name, ts, props) in enumerate(rows)
+    ]
+    schema = parse_schema(load_demo_schema())
+    lives = []
+    for name, text_ in definitions().items():
+        expr = parse(text_, schema)
+        compiled = compile_streaming(expr)
+        lives.append(
+            live.Live(
+                id=name,
+                workspace_id="w",
+                name=name,
+                compiled=compiled,
+                memory=compile_memory(expr),
+                built_key=compiled.key,
+                through=None,
+                ready=True,
+            )
+        )
+    person = live._Profile(
+        {"country": "DE", "lifetime_value": 900.0, "signup_at": "2026-02-20T00:00:00+00:00"},
+        {("email", "marketing"): "opted_in"},
+        datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    states: dict[str, Any] = {}
+
+    def fold(part: list[tuple[str, MemoryEvent]]) -> int:
+        by_profile: dict[str, list[MemoryEvent]] = {}
+        for pid, event in part:
+            by_profile.setdefault(pid, []).append(event)
+        evaluator = live._Evaluator(lives, now=part[-1][1].timestamp, history=lambda i, n: [])
+        work = live._Work("w")
+        for pid, events in by_profile.items():
+            live._evaluate_profile(work, evaluator, pid, person, states.get(pid), events=events)
+        states.update(work.rows)
+        return len(work.answers)
+
+    past, timed = stream[: -args.events], stream[-args.events :]
+    for start in range(0, len(past), 20_000):
+        fold(past[start : start + 20_000])
+    gc.freeze()  # as serve does after start-up
+    gc.set_threshold(20_000, 20, 20)
+    answers = 0
+    started = time.perf_counter()
+    for start in range(0, len(timed), args.batch):
+        answers += fold(timed[start : start + args.batch])
+    elapsed = time.perf_counter() - started
+    names: dict[str, int] = {}
+    for _pid, event in timed:
+        names[event.name] = names.get(event.name, 0) + 1
+    ranked = sorted(names.items(), key=lambda item: -item[1])
+    mix = ", ".join(f"{name} {count / len(timed):.1%}" for name, count in ranked)
+    print(
+        f"demo stream: {len(stream):,} events of {len(states):,} profiles; the last "
+        f"{len(timed):,} folded through 100 streaming audiences in {elapsed:.2f} s: "
+        f"{len(timed) / elapsed:,.0f} events/s ({answers / len(timed):.1f} answers per event)"
+    )
+    print(f"event mix: {mix}")
+    print(f"machine: {machine()}")
+    print(json.dumps({"events": len(timed), "evaluator_events_per_s": round(len(timed) / elapsed)}))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -400,6 +485,11 @@ def main() -> None:
     t.add_argument("--events", type=int, default=40_000)
     t.add_argument("--history", type=int, default=10, help="past events per profile")
     t.add_argument("--batch", type=int, default=2_000, help="events per move (evaluator)")
+    d = sub.add_parser("demo")
+    d.add_argument("--profiles", type=int, default=20_000)
+    d.add_argument("--days", type=int, default=60)
+    d.add_argument("--events", type=int, default=50_000)
+    d.add_argument("--batch", type=int, default=2_000)
     lat = sub.add_parser("latency")
     lat.add_argument("--rate", type=int, default=2000, help="events per second")
     lat.add_argument("--batch", type=int, default=20, help="events per HTTP call")
@@ -409,6 +499,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "throughput":
         throughput(args)
+    elif args.what == "demo":
+        demo(args)
     else:
         latency(args)
 
