@@ -398,6 +398,12 @@ class _Evaluator:
         self.t = _micros(now)
         self.history = history  # (profile ids, names) -> list of history tuples
         self._empty: dict[str, tuple[bool, int | None]] = {}
+        self._constants: dict[str, bool] | None = None
+        self.keys = {a.id: a.compiled.key for a in audiences_}
+        self.by_id = {a.id: a for a in audiences_}
+        #: filled with the constants: their keys, and the audiences that are not constant
+        self.constant_keys: dict[str, str] = {}
+        self.variable: list[Live] = list(audiences_)
 
     def asking(self, profile: _Profile) -> Asking:
         """The question about ``profile`` now, shared by every audience asked about it."""
@@ -410,6 +416,25 @@ class _Evaluator:
         if known is None:
             known = self.answer(live, live.compiled.new_state(), _NOBODY, "")
             self._empty[live.id] = known
+        return known
+
+    def constants(self) -> dict[str, bool]:
+        """The audiences, built for every profile, that :meth:`empty` answers for good (no
+        timer): audience id -> that answer for any profile with no event they read."""
+        known = self._constants
+        if known is None:
+            known = {}
+            for live in self.audiences:
+                if live.compiled.reads_profile or not live.ready:
+                    continue
+                if live.built_key != live.compiled.key:
+                    continue
+                member, due = self.empty(live)
+                if due is None:
+                    known[live.id] = member
+            self._constants = known
+            self.constant_keys = {aid: self.keys[aid] for aid in known}
+            self.variable = [a for a in self.audiences if a.id not in known]
         return known
 
     def answer(
@@ -490,7 +515,19 @@ def _evaluate_profile(
         for live in evaluator.by_name.get(name, ()):
             concerned[live.id] = live
     chosen: Iterable[Live]
-    if recheck:
+    answers, keys = work.answers, work.keys
+    if recheck and not replay:
+        # The audiences that answer the same for every profile without their events and
+        # state are answered at once; the rest one by one.
+        constants = evaluator.constants()
+        answers.update({(aid, pid): member for aid, member in constants.items()})
+        keys.update(evaluator.constant_keys)
+        changed = True
+        # those with events now or a state kept are answered again, one by one
+        again = {aid: a for aid, a in concerned.items() if aid in constants}
+        again.update((aid, evaluator.by_id[aid]) for aid in entries if aid in constants)
+        chosen = [*evaluator.variable, *again.values()]
+    elif recheck:
         chosen = evaluator.audiences
     elif replay or (profile_changed and evaluator.readers):
         picked = dict(concerned)
@@ -502,7 +539,6 @@ def _evaluate_profile(
         chosen = concerned.values()
     past = _stamped(history) if replay and history else []
     asking = evaluator.asking(profile)
-    answers, keys = work.answers, work.keys
     for live in chosen:
         compiled = live.compiled
         aid = live.id

@@ -401,10 +401,18 @@ def _test(test: Test, kind: FieldType) -> _ValueTest:
         if kind is not FieldType.TIMESTAMP:
             raise ValueError(f"windows need a timestamp field, not {kind}")
         window = test.window
+        #: the span at the instant asked last, as one tuple (replaced whole: threads safe);
+        #: the profiles of a batch are asked at one instant
+        resolved: list[tuple[datetime | None, Any]] = [(None, None)]
 
         def within(raw: Any, p: PreparedProfile) -> bool:
             value = read_value(raw, kind)
-            return value is not None and resolve(window, p.now).contains(value)
+            if value is None:
+                return False
+            known = resolved[0]
+            if known[0] is not p.now:
+                known = resolved[0] = (p.now, resolve(window, p.now))
+            return bool(known[1].contains(value))
 
         return within
     if isinstance(test, Anniversary):

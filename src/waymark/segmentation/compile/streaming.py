@@ -107,6 +107,7 @@ import operator
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Protocol, TypeAlias
 
@@ -539,13 +540,19 @@ def _anniversary_turn(day: date, ahead: int, zone: str | None, t: int) -> int | 
     return high
 
 
+@lru_cache(maxsize=1024)
+def _value_bounds(window: Window) -> _Bounds:
+    """The bounds of an attribute's window (cached: a workspace has few windows)."""
+    return _bounds(window, events=False)
+
+
 def _test_turns(test: Test, kind: FieldType, raw: Any, zone: str | None, t: int) -> int | None:
     """The first instant after ``t`` at which ``test`` of the stored value ``raw`` may turn."""
     if isinstance(test, Within):
         moment = read_value(raw, kind)
         if not isinstance(moment, datetime):
             return None
-        bounds = _bounds(test.window, events=False)
+        bounds = _value_bounds(test.window)
         x = _micros(moment)
         return _after([bounds.enter(x), bounds.leave(x)], t)
     if isinstance(test, Anniversary):
@@ -706,17 +713,30 @@ class _Profile(_Node):
 
     def __init__(self, node: Attr | Consent) -> None:
         self.run = compile_memory(node).run
-        self.attr = node if isinstance(node, Attr) else None
+        attr = node if isinstance(node, Attr) else None
+        #: the attribute test that time alone can turn (a window or an anniversary), if any
+        self.timed = (
+            attr
+            if attr is not None
+            and attr.kind is not None
+            and isinstance(attr.test, Within | Anniversary)
+            else None
+        )
         self.get = _getter(node.path) if isinstance(node, Attr) else None
 
     def value(self, slots: list[Any], ctx: _Context) -> bool | None:
         return self.run(ctx.prepared)
 
     def change(self, slots: list[Any], ctx: _Context) -> int | None:
-        if self.attr is None or self.get is None or self.attr.kind is None:
+        timed = self.timed
+        if timed is None or self.get is None or timed.kind is None:
             return None
         raw = self.get(ctx.attributes)
-        return _test_turns(self.attr.test, self.attr.kind, raw, ctx.zone, ctx.t)
+        return _test_turns(timed.test, timed.kind, raw, ctx.zone, ctx.t)
+
+    def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
+        answer = self.run(ctx.prepared)
+        return answer, (None if self.timed is None else self.change(slots, ctx))
 
 
 class _EventNode(_Node):
