@@ -511,3 +511,60 @@ def test_a_streaming_definition_changed_and_back_between_rounds_is_built_again(
     _save(hub, ws, "two", "count(purchase) = 2")
     flush_once(hub)
     assert _members(hub, ws, "two") == set() == _batch_members(hub, ws, "two")
+
+
+def _stored(hub: Hub, ws: str, pid: str) -> dict[str, Any]:
+    with hub.engine.connect() as conn:
+        text_ = conn.execute(
+            select(stream_states.c.states).where(
+                stream_states.c.workspace_id == ws, stream_states.c.profile_id == pid
+            )
+        ).scalar_one()
+    return dict(json.loads(text_))
+
+
+def test_state_rows_keep_each_audience_as_text_read_only_when_needed(
+    hub: Hub, clock: ManualClock
+) -> None:
+    """A row keeps each audience's state as JSON text with its timer: an event of one audience
+    rewrites that audience's entry and leaves the others as they were; rows written in the
+    earlier form (``{"s": state, "d": due}``) still read, and are rewritten in the new one."""
+    ws = _workspace(hub)
+    _save(hub, ws, "buyers", "count(purchase within last 30 days) >= 2")
+    _save(hub, ws, "viewers", "product_view within last 7 days")
+    flush_once(hub)
+    _send(hub, ws, _buy("ann"), _track("ann", "product_view", sku="s1", price=5.0))
+    flush_once(hub)
+    ann = _pid(hub, ws, "ann")
+    with hub.engine.connect() as conn:
+        ids = {a.name: a.id for a in live.live_audiences(conn, ws)}
+    first = _stored(hub, ws, ann)
+    assert set(first) == {ids["buyers"], ids["viewers"]}
+    for _due, state in first.values():
+        assert isinstance(state, str) and json.loads(state)["w"] is not None
+    assert first[ids["buyers"]][0] is None  # one purchase: time alone changes nothing
+    assert isinstance(first[ids["viewers"]][0], int)  # the view leaves the window
+    clock.advance(timedelta(hours=1))
+    _send(hub, ws, _buy("ann"))
+    flush_once(hub)
+    second = _stored(hub, ws, ann)
+    assert second[ids["viewers"]] == first[ids["viewers"]]  # not parsed, written back as read
+    assert second[ids["buyers"]] != first[ids["buyers"]]
+    assert _users(hub, ws, "buyers", "ann") == {"ann"}
+    # the earlier form: each entry an object with the state itself
+    older = {aid: {"s": json.loads(state), "d": due} for aid, (due, state) in second.items()}
+    with hub.tx() as conn:
+        conn.execute(
+            stream_states.update()
+            .where(stream_states.c.workspace_id == ws, stream_states.c.profile_id == ann)
+            .values(states=json.dumps(older))
+        )
+    clock.advance(timedelta(days=8))  # the view leaves its window: the timer fires
+    flush_once(hub)
+    assert _users(hub, ws, "viewers", "ann") == set()
+    assert _users(hub, ws, "buyers", "ann") == {"ann"}
+    _send(hub, ws, _track("ann", "product_view", sku="s2", price=5.0))
+    flush_once(hub)
+    assert _users(hub, ws, "viewers", "ann") == {"ann"}
+    for due, state in _stored(hub, ws, ann).values():
+        assert isinstance(state, str) and (due is None or isinstance(due, int))

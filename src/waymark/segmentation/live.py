@@ -320,7 +320,9 @@ class _Work:
     """States and answers computed for one workspace, waiting to be written."""
 
     workspace_id: str
-    #: profile -> (audience id -> {"s": state, "d": due micros or None}, profile updated_at)
+    #: profile -> (audience id -> kept entry, profile updated_at); an entry is
+    #: ``{"s": state, "d": due micros or None}`` when computed, ``[due, state JSON]`` as read
+    #: (see :func:`_entry_state`)
     rows: dict[str, tuple[dict[str, Any], datetime | None]] = field(default_factory=dict)
     #: (audience id, profile id) -> member now
     answers: dict[tuple[str, str], bool] = field(default_factory=dict)
@@ -470,10 +472,36 @@ def _events_of(
     return by_profile
 
 
+def _entry_state(entry: Any) -> Any:
+    """The state in a kept entry: ``{"s": state, "d": due}`` as computed (and as rows written
+    before 2026-12-02 hold them), or ``[due, state as JSON text]`` as rows hold them now, parsed
+    only when asked for (a round reads a few of a profile's audiences); None if neither."""
+    if type(entry) is dict:
+        return entry.get("s")
+    if type(entry) is list and len(entry) == 2 and isinstance(entry[1], str):
+        try:
+            return orjson.loads(entry[1])
+        except orjson.JSONDecodeError:
+            return None
+    return None
+
+
+def _entry_due(entry: Any) -> int | None:
+    """The timer (micros) of a kept entry (either form, see :func:`_entry_state`)."""
+    due = entry.get("d") if type(entry) is dict else entry[0] if type(entry) is list else None
+    return due if type(due) is int else None
+
+
+def _stored_entry(entry: Any) -> list[Any]:
+    """A kept entry as a row holds it: ``[due, state as JSON text]`` (one kept as read is
+    written back as it was, without parsing it)."""
+    if type(entry) is list:
+        return entry
+    return [entry["d"], orjson.dumps(entry["s"]).decode()]
+
+
 def _valid_state(live: Live, entry: Any) -> State | None:
-    if not isinstance(entry, dict):
-        return None
-    state = entry.get("s")
+    state = _entry_state(entry)
     return state if live.compiled.owns(state) else None  # else of an older definition
 
 
@@ -556,7 +584,7 @@ def _evaluate_profile(
                     keys[aid] = compiled.key
                     changed = True
                     continue
-            old = entry.get("s") if type(entry) is dict else None
+            old = None if entry is None else _entry_state(entry)
             base = old if old is not None and compiled.owns(old) else compiled.new_state()
             state, member, due = compiled.step(base, new_events if mine else (), asking)
         if member is None:  # past the state's cap: the whole history answers
@@ -620,12 +648,13 @@ def _write(conn: Connection, work: _Work, *, now: datetime) -> tuple[int, int]:
     for pid, (entries, seen) in work.rows.items():
         if pid not in alive:
             continue
-        dues = [e["d"] for e in entries.values() if e.get("d") is not None]
+        kept = {aid: _stored_entry(entry) for aid, entry in entries.items()}
+        dues = [e[0] for e in kept.values() if type(e[0]) is int]
         values.append(
             {
                 "workspace_id": ws,
                 "profile_id": pid,
-                "states": orjson.dumps(entries).decode(),
+                "states": orjson.dumps(kept).decode(),
                 "due": _moment(min(dues)) if dues else None,
                 "seen": seen,
                 "updated_at": now,
@@ -851,7 +880,8 @@ def _timers(hub: Hub, folder: Folder, now: datetime) -> int:
                 asking = evaluator.asking(profile)
                 for live in lives:
                     entry = kept.get(live.id)
-                    if entry is None or entry.get("d") is None or entry["d"] > micros:
+                    timer = None if entry is None else _entry_due(entry)
+                    if timer is None or timer > micros:
                         continue
                     state = _valid_state(live, entry)
                     if state is None or not live.covers(pid):
