@@ -233,6 +233,28 @@ def _containing(conn: Connection, workspace_id: str, name: str) -> set[str]:
     return found
 
 
+#: (audience id, id of an expansion) -> (that expansion, its compiled forms): the expansions are
+#: cached, so each round finds its audiences here without printing their definitions
+_compiled_by_identity: dict[tuple[str, int], tuple[Any, tuple[Any, Any]]] = {}
+
+
+def _compiled_of(aid: str, full: ast.Expr) -> tuple[StreamingAudience, CompiledAudience]:
+    known = _compiled_by_identity.get((aid, id(full)))
+    if known is not None and known[0] is full:
+        return known[1]
+    cache_key = (aid, repr(full))  # an equal definition expanded again (a schema change)
+    compiled = _compiled.get(cache_key)
+    if compiled is None:
+        if len(_compiled) > 4096:
+            _compiled.clear()
+        compiled = (compile_streaming(full, max_events=MAX_EVENTS), compile_memory(full))
+        _compiled[cache_key] = compiled
+    if len(_compiled_by_identity) > 4096:
+        _compiled_by_identity.clear()
+    _compiled_by_identity[(aid, id(full))] = (full, compiled)
+    return compiled
+
+
 def live_audiences(conn: Connection, workspace_id: str) -> list[Live]:
     """The workspace's streaming audiences, compiled (cached by definition)."""
     found: list[Live] = []
@@ -240,13 +262,7 @@ def live_audiences(conn: Connection, workspace_id: str) -> list[Live]:
         if row.mode != "streaming" or _mode_of(full) != "streaming":
             continue
         assert full is not None
-        cache_key = (row.id, repr(full))
-        compiled = _compiled.get(cache_key)
-        if compiled is None:
-            if len(_compiled) > 4096:
-                _compiled.clear()
-            compiled = (compile_streaming(full, max_events=MAX_EVENTS), compile_memory(full))
-            _compiled[cache_key] = compiled
+        compiled = _compiled_of(row.id, full)
         found.append(
             Live(
                 id=row.id,
