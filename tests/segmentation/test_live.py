@@ -568,3 +568,14 @@ def test_state_rows_keep_each_audience_as_text_read_only_when_needed(
     assert _users(hub, ws, "viewers", "ann") == {"ann"}
     for due, state in _stored(hub, ws, ann).values():
         assert isinstance(state, str) and (due is None or isinstance(due, int))
+    # unreadable entries (not written by Waymark) neither crash a round nor stay
+    with hub.tx() as conn:
+        conn.execute(
+            stream_states.update()
+            .where(stream_states.c.workspace_id == ws, stream_states.c.profile_id == ann)
+            .values(states=json.dumps({ids["viewers"]: [], ids["buyers"]: "junk", "x": [1]}))
+        )
+    _send(hub, ws, _track("ann", "product_view", sku="s3", price=5.0))
+    flush_once(hub)
+    assert _users(hub, ws, "viewers", "ann") == {"ann"}
+    assert set(_stored(hub, ws, ann)) == {ids["viewers"]}

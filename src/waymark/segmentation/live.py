@@ -504,16 +504,22 @@ def _entry_state(entry: Any) -> Any:
 
 def _entry_due(entry: Any) -> int | None:
     """The timer (micros) of a kept entry (either form, see :func:`_entry_state`)."""
-    due = entry.get("d") if type(entry) is dict else entry[0] if type(entry) is list else None
+    if type(entry) is dict:
+        due = entry.get("d")
+    else:
+        due = entry[0] if type(entry) is list and entry else None
     return due if type(due) is int else None
 
 
-def _stored_entry(entry: Any) -> list[Any]:
+def _stored_entry(entry: Any) -> list[Any] | None:
     """A kept entry as a row holds it: ``[due, state as JSON text]`` (one kept as read is
-    written back as it was, without parsing it)."""
+    written back as it was, without parsing it); None for one of neither form (not written:
+    unreadable, it reads as the empty state already)."""
     if type(entry) is list:
-        return entry
-    return [entry["d"], orjson.dumps(entry["s"]).decode()]
+        return entry if len(entry) == 2 and isinstance(entry[1], str) else None
+    if type(entry) is dict and "s" in entry:
+        return [_entry_due(entry), orjson.dumps(entry["s"]).decode()]
+    return None
 
 
 def _valid_state(live: Live, entry: Any) -> State | None:
@@ -664,7 +670,11 @@ def _write(conn: Connection, work: _Work, *, now: datetime) -> tuple[int, int]:
     for pid, (entries, seen) in work.rows.items():
         if pid not in alive:
             continue
-        kept = {aid: _stored_entry(entry) for aid, entry in entries.items()}
+        kept = {}
+        for aid, entry in entries.items():
+            stored = _stored_entry(entry)
+            if stored is not None:
+                kept[aid] = stored
         dues = [e[0] for e in kept.values() if type(e[0]) is int]
         values.append(
             {
