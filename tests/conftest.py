@@ -96,3 +96,23 @@ def hub(
         yield h
     finally:
         h.close()
+    if backend == "postgres":
+        _no_leaked_transactions(request.getfixturevalue("pg_database_url"))
+
+
+def _no_leaked_transactions(url: str) -> None:
+    """Fail the test that left connections open in a transaction (after the hub closed, only
+    a connection never given back can be): they would block the next test's TRUNCATE for
+    ever. They are ended first, so the tests after it run."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        left = admin.execute(
+            "SELECT pid, state, left(query, 300) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%%'",
+            [name],
+        ).fetchall()
+        for pid, _state, _query in left:
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    if left:
+        shown = "; ".join(f"{state}: {query}" for _pid, state, query in left)
+        pytest.fail(f"the test left {len(left)} connection(s) in a transaction: {shown}")

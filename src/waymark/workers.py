@@ -97,6 +97,7 @@ async def run_background(hub: Hub) -> None:
     # the cyclic collector's full passes over a serving heap took ~100 ms each, stalling the
     # mover (and so every membership change behind it): leave what start-up built out of them,
     # and run them less often
+    thresholds = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
     schedules = asyncio.create_task(_audience_schedules(hub))
@@ -114,3 +115,6 @@ async def run_background(hub: Hub) -> None:
     finally:
         schedules.cancel()
         checkpoints.cancel()
+        # the process may go on (an app whose lifespan ended, in tests): collect as before
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()

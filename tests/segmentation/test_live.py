@@ -232,16 +232,14 @@ def test_an_audience_saved_later_is_built_from_the_log(hub: Hub, clock: ManualCl
     _save(hub, ws, "spenders", "sum(purchase.revenue within last 30 days) >= 60")
     _save(hub, ws, "one-timers", "count(purchase) = 1")
     flush_once(hub)
+    with hub.engine.connect() as conn:
+        definitions = {
+            name: segments.get_audience(conn, ws, name).definition
+            for name in ("spenders", "one-timers")
+        }
     expected = {
-        name: set(
-            segments.member_ids(
-                hub,
-                ws,
-                segments.get_audience(hub.engine.connect(), ws, name).definition,
-                now=hub.clock.now(),
-            )
-        )
-        for name in ("spenders", "one-timers")
+        name: set(segments.member_ids(hub, ws, definition, now=hub.clock.now()))
+        for name, definition in definitions.items()
     }
     assert expected["spenders"] and expected["one-timers"]
     for name, members in expected.items():
