@@ -45,6 +45,13 @@ class Settings(BaseModel):
     max_past_days: int = 3650
     dedup_window_days: int = 30
     flush_interval_ms: int = 1000
+    checkpoint_interval_ms: int = Field(
+        default=10_000,
+        ge=100,
+        description="embedded SQLite state store: how often `serve` copies the write-ahead log "
+        "into the database, beside the event mover (each copy slows the mover's commits while "
+        "it runs)",
+    )
     ingest_workers: int = Field(
         default=1,
         ge=0,

@@ -74,7 +74,9 @@ async def _audience_schedules(hub: Hub) -> None:
 
 async def _checkpoints(hub: Hub, interval: float) -> None:
     """Checkpoint the SQLite WAL every ``interval``, beside the mover (not between its rounds:
-    a round waiting for a checkpoint would delay the memberships of the events it folds)."""
+    a round waiting for a checkpoint would delay the memberships of the events it folds). A
+    checkpoint still slows the commits of the rounds it overlaps, so it runs every 10 s by
+    default (every second gave a p99 from event to membership change about 15 ms higher)."""
     while True:
         await asyncio.sleep(interval)
         try:
@@ -101,7 +103,7 @@ async def run_background(hub: Hub) -> None:
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
     schedules = asyncio.create_task(_audience_schedules(hub))
-    checkpoints = asyncio.create_task(_checkpoints(hub, interval))
+    checkpoints = asyncio.create_task(_checkpoints(hub, hub.settings.checkpoint_interval_ms / 1000))
     try:
         while True:
             busy = False
