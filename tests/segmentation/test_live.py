@@ -302,6 +302,7 @@ def test_past_the_state_cap_the_profile_is_evaluated_from_its_history(
 ) -> None:
     monkeypatch.setattr(live, "MAX_EVENTS", 3)
     monkeypatch.setattr(live, "_compiled", {})
+    monkeypatch.setattr(live, "_compiled_by_identity", {})
     ws = _workspace(hub)
     _save(hub, ws, "big basket", "avg(purchase.revenue within last 30 days) > 25")
     flush_once(hub)
