@@ -488,13 +488,18 @@ def _events_of(
     return by_profile
 
 
+def _is_stored(entry: Any) -> bool:
+    """Whether ``entry`` is in the form rows hold: ``[due, state as JSON text]``."""
+    return type(entry) is list and len(entry) == 2 and isinstance(entry[1], str)
+
+
 def _entry_state(entry: Any) -> Any:
     """The state in a kept entry: ``{"s": state, "d": due}`` as computed (and as rows written
     before 2026-12-02 hold them), or ``[due, state as JSON text]`` as rows hold them now, parsed
     only when asked for (a round reads a few of a profile's audiences); None if neither."""
     if type(entry) is dict:
         return entry.get("s")
-    if type(entry) is list and len(entry) == 2 and isinstance(entry[1], str):
+    if _is_stored(entry):
         try:
             return orjson.loads(entry[1])
         except orjson.JSONDecodeError:
@@ -516,7 +521,7 @@ def _stored_entry(entry: Any) -> list[Any] | None:
     written back as it was, without parsing it); None for one of neither form (not written:
     unreadable, it reads as the empty state already)."""
     if type(entry) is list:
-        return entry if len(entry) == 2 and isinstance(entry[1], str) else None
+        return entry if _is_stored(entry) else None
     if type(entry) is dict and "s" in entry:
         return [_entry_due(entry), orjson.dumps(entry["s"]).decode()]
     return None
