@@ -3,6 +3,7 @@
     PYTHONPATH=src .venv/bin/python benchmarks/audiences_streaming.py throughput
     PYTHONPATH=src .venv/bin/python benchmarks/audiences_streaming.py demo
     PYTHONPATH=src .venv/bin/python benchmarks/audiences_streaming.py latency
+    PYTHONPATH=src .venv/bin/python benchmarks/audiences_streaming.py round
 
 ``throughput``: 100 streaming audiences (the ten kinds of condition of ``audiences_edge.py``,
 ten parameters each) in an embedded hub (SQLite state store, DuckDB log, in a temporary
@@ -17,6 +18,11 @@ event stream: ``--profiles`` customers over ``--days`` days (with its anonymous 
 their own profile here), all events in time order; the states are built from all but the last
 ``--events`` (not timed), then those are folded in batches of ``--batch``, each batch at the
 instant of its last event. The garbage collector is set as ``waymark serve`` sets it.
+
+``demo --rows`` also times reading the timed batches' state rows, whole or per audience.
+
+``round``: mover rounds of ``--batch`` events in an embedded hub with the same 100 audiences,
+where each round's time goes, and the WAL checkpoint's duration after five rounds.
 
 ``latency``: starts ``waymark serve`` (a subprocess, embedded default) with the same 100
 audiences, sends ``--rate`` events per second over HTTP for ``--seconds`` (Segment ``/v1/batch``
@@ -312,8 +318,148 @@ def demo(args: argparse.Namespace) -> None:
         f"{len(timed) / elapsed:,.0f} events/s ({answers / len(timed):.1f} answers per event)"
     )
     print(f"event mix: {mix}")
+    if args.rows:
+        _row_parsing(lives, states, timed, args.batch)
     print(f"machine: {machine()}")
     print(json.dumps({"events": len(timed), "evaluator_events_per_s": round(len(timed) / elapsed)}))
+
+
+def _row_parsing(
+    lives: list[live.Live], states: dict[str, Any], timed: list[Any], batch: int
+) -> None:
+    """What reading the timed batches' state rows costs: whole rows (each audience's state an
+    object, as rows were before 2026-12-02) against rows keeping each state as text, of which
+    a round parses the states of the audiences the batch's events concern."""
+    import orjson
+
+    evaluator = live._Evaluator(lives, now=timed[-1][1].timestamp, history=None)
+    whole = outer = touched = 0.0
+    size = 0
+    for start in range(0, len(timed), batch):
+        names: dict[str, set[str]] = {}
+        for pid, event in timed[start : start + batch]:
+            names.setdefault(pid, set()).add(event.name)
+        rows = {pid: states[pid][0] for pid in names if pid in states}
+        old = [orjson.dumps(entries) for entries in rows.values()]
+        new = {
+            pid: orjson.dumps({a: live._stored_entry(e) for a, e in entries.items()})
+            for pid, entries in rows.items()
+        }
+        size += sum(map(len, old))
+        began = time.perf_counter()  # the parsed rows live through the round, as in serve
+        parsed = [orjson.loads(text_) for text_ in old]
+        whole += time.perf_counter() - began
+        del parsed
+        began = time.perf_counter()
+        read = {pid: orjson.loads(text_) for pid, text_ in new.items()}
+        kept: list[Any] = []
+        outer += time.perf_counter() - began
+        began = time.perf_counter()
+        for pid, entries in read.items():
+            for name in names[pid]:
+                for audience in evaluator.by_name.get(name, ()):
+                    entry = entries.get(audience.id)
+                    if entry is not None:
+                        kept.append(live._entry_state(entry))
+        touched += time.perf_counter() - began
+        del read, kept
+    print(
+        f"state rows of the timed batches ({size / 1e6:.0f} MB as whole objects): parsing them "
+        f"whole {whole:.2f} s; as text per audience {outer:.2f} s for the rows and "
+        f"{touched:.2f} s for the states the events concern"
+    )
+
+
+def rounds(args: argparse.Namespace) -> None:
+    """Mover rounds of ``--batch`` events in an embedded hub with the 100 audiences: each
+    round's duration and where it goes, then WAL checkpoints after every five rounds."""
+    import collections
+
+    from waymark import workers
+    from waymark.ingestion import mover
+    from waymark.storage import eventlog
+    from waymark.storage.database import checkpoint
+
+    spent: collections.Counter[str] = collections.Counter()
+
+    def timed(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - began
+
+        setattr(owner, name, wrapper)
+
+    timed(live.Folder, "prepare", "fold: prepare (load, evaluate)")
+    timed(live, "_evaluate_profile", "  of which evaluating")
+    timed(live.Folder, "commit", "fold: write states and changes")
+    timed(mover, "_commit_moved", "fold and inbox delete, committed")
+    timed(eventlog.DuckDBEventLog, "append_numbered", "log append (DuckDB)")
+    timed(eventlog.DuckDBEventLog, "inbox_watermark", "log watermarks (DuckDB)")
+    timed(eventlog.DuckDBEventLog, "merge_watermark", "log watermarks (DuckDB)")
+    timed(workers, "maintain", "upkeep (rechecks, timers, builds)")
+    rng = random.Random(3)
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    clock = ManualClock(now)
+    hub = Hub.open(
+        load_settings(environ={}, data_dir=Path(tempfile.mkdtemp(prefix="wm-round-"))), clock
+    )
+    with hub.tx() as conn:
+        ws, _w, _a = access.create_workspace(conn, name="bench", actor="b", at=now)
+        save_schema(conn, workspace_id=ws.id, document=load_demo_schema(), actor="b", at=now)
+    users = [f"u{i}" for i in range(args.profiles)]
+    ingest = Ingestor(hub)
+    calls = [_traits(rng, u, now - timedelta(days=30)) for u in users]
+    for i in range(args.profiles * 5):
+        at = now - timedelta(seconds=rng.randrange(0, 30 * 86_400))
+        calls.append(_call(rng, rng.choice(users), at, -1 - i))
+    for start in range(0, len(calls), 500):
+        ingest.segment(ws.id, "batch", {"batch": calls[start : start + 500]})
+    for name, text_ in definitions().items():
+        with hub.tx() as conn:
+            segments.save_audience(conn, ws.id, name=name, definition=text_, actor="b", now=now)
+    flush_once(hub)
+    seq = 0
+
+    def one() -> float:
+        nonlocal seq
+        part = []
+        for _ in range(args.batch):
+            seq += 1
+            part.append(_call(rng, rng.choice(users), clock.now(), seq))
+        ingest.segment(ws.id, "batch", {"batch": part})
+        began = time.perf_counter()
+        workers.stream_once(hub)
+        return time.perf_counter() - began
+
+    for _ in range(20):
+        one()
+    spent.clear()
+    took = sorted(one() for _ in range(args.rounds))
+    print(
+        f"rounds of {args.batch} events ({args.profiles:,} shoppers, 100 audiences): "
+        f"p50 {took[len(took) // 2] * 1e3:.1f} ms, p90 {took[int(len(took) * 0.9)] * 1e3:.1f} ms"
+    )
+    for label, seconds in spent.items():
+        print(f"  {label}: {seconds / args.rounds * 1e3:.1f} ms per round")
+    copies = []
+    for _ in range(20):
+        for _ in range(5):
+            one()
+        began = time.perf_counter()
+        checkpoint(hub.engine)
+        copies.append(time.perf_counter() - began)
+    copies.sort()
+    print(
+        f"WAL checkpoint after five rounds: p50 {copies[len(copies) // 2] * 1e3:.1f} ms, "
+        f"max {copies[-1] * 1e3:.1f} ms"
+    )
+    hub.close()
+    print(f"machine: {machine()}")
 
 
 def _free_port() -> int:
@@ -494,6 +640,11 @@ def main() -> None:
     d.add_argument("--days", type=int, default=60)
     d.add_argument("--events", type=int, default=50_000)
     d.add_argument("--batch", type=int, default=2_000)
+    d.add_argument("--rows", action="store_true", help="also time reading the state rows")
+    r = sub.add_parser("round")
+    r.add_argument("--profiles", type=int, default=2000)
+    r.add_argument("--batch", type=int, default=20)
+    r.add_argument("--rounds", type=int, default=100)
     lat = sub.add_parser("latency")
     lat.add_argument("--rate", type=int, default=2000, help="events per second")
     lat.add_argument("--batch", type=int, default=20, help="events per HTTP call")
@@ -505,6 +656,8 @@ def main() -> None:
         throughput(args)
     elif args.what == "demo":
         demo(args)
+    elif args.what == "round":
+        rounds(args)
     else:
         latency(args)
 
