@@ -1,0 +1,1 @@
+"""Channel providers: each sends one rendered message over one protocol (see :mod:`.base`)."""

@@ -1,0 +1,243 @@
+"""Email: the MIME document of a rendered message, and an SMTP provider that reuses its
+connection.
+
+:func:`build_mime` writes ``multipart/alternative`` (plain text first, then HTML, as RFC 2046
+asks: the last part is the preferred one) with a ``Message-ID`` derived from the message id (a
+retried message keeps it, so receivers that deduplicate on it see one message), ``Date`` from
+when the intent was written, and, for marketing mail with an unsubscribe URL, ``List-Unsubscribe``
+and ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 2369, RFC 8058). A preheader is
+the hidden first text of the HTML body (the inbox's preview line).
+
+:class:`SmtpProvider` speaks SMTP through :mod:`smtplib` with implicit TLS (port 465),
+STARTTLS (587) or neither (a local relay), with optional AUTH. One connection is kept and
+reused across sends; a dropped connection is reopened once per send. Replies map to results:
+4xx is transient, 5xx permanent, a refused connection or a timeout transient.
+
+Duplicates: SMTP has no idempotency key. If the connection drops after the server accepted the
+DATA but before its reply reached us, the message is retried and may arrive twice (with the same
+``Message-ID``). That window is one message per connection: the dispatcher never pipelines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, formataddr
+from html import escape
+from typing import Final, Literal
+
+from waymark.channels.base import DeliveryResult, OutgoingMessage
+from waymark.delivery.templates import Channel
+
+__all__ = ["EmailSettings", "SmtpProvider", "build_mime"]
+
+#: Characters that keep the preview line from showing the body's first words after the preheader.
+_PREVIEW_PAD: Final = "&#847;&zwnj;&nbsp;" * 40
+
+
+@dataclass(frozen=True)
+class EmailSettings:
+    """The sender side: the default ``From`` (a template may set its own name and address), the
+    domain of generated Message-IDs, and an optional ``Reply-To``."""
+
+    from_address: str
+    from_name: str | None = None
+    message_id_domain: str | None = None
+    reply_to: str | None = None
+
+    @property
+    def domain(self) -> str:
+        return self.message_id_domain or self.from_address.rpartition("@")[2] or "localhost"
+
+
+def _with_preheader(html: str, preheader: str) -> str:
+    hidden = (
+        '<div style="display:none;max-height:0;overflow:hidden;mso-hide:all">'
+        f"{escape(preheader)}{_PREVIEW_PAD}</div>"
+    )
+    lower = html.lower()
+    at = lower.find("<body")
+    if at >= 0:
+        end = html.find(">", at)
+        if end >= 0:
+            return html[: end + 1] + hidden + html[end + 1 :]
+    return hidden + html
+
+
+def build_mime(message: OutgoingMessage, settings: EmailSettings) -> EmailMessage:
+    """The RFC 5322 message for ``message`` (an email); ``ValueError`` for another channel or
+    an address that cannot be written in a header."""
+    if message.channel is not Channel.EMAIL:
+        raise ValueError(f"not an email: {message.channel.value}")
+    fields = message.content.fields
+    mime = EmailMessage()
+    sender = fields.get("from_address") or settings.from_address
+    name = fields.get("from_name") or settings.from_name
+    mime["From"] = formataddr((name, sender)) if name else sender
+    mime["To"] = message.to
+    mime["Subject"] = fields.get("subject", "")
+    reply_to = fields.get("reply_to") or settings.reply_to
+    if reply_to:
+        mime["Reply-To"] = reply_to
+    mime["Date"] = format_datetime(message.created_at)
+    mime["Message-ID"] = f"<{message.id}@{settings.domain}>"
+    links = []
+    if message.unsubscribe_url:
+        links.append(f"<{message.unsubscribe_url}>")
+    if message.unsubscribe_mailto:
+        links.append(f"<mailto:{message.unsubscribe_mailto}>")
+    if links:
+        mime["List-Unsubscribe"] = ", ".join(links)
+        if message.unsubscribe_url and message.unsubscribe_url.startswith("https://"):
+            mime["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    for key, value in message.headers.items():
+        mime[key] = value
+    mime.set_content(fields.get("text", ""), subtype="plain", cte="quoted-printable")
+    html = fields.get("html")
+    if html:
+        preheader = fields.get("preheader")
+        if preheader:
+            html = _with_preheader(html, preheader)
+        mime.add_alternative(html, subtype="html", cte="quoted-printable")
+    return mime
+
+
+def _envelope_sender(mime: EmailMessage) -> str:
+    parsed = mime["From"]
+    addresses: tuple[Address, ...] = getattr(parsed, "addresses", ())
+    return addresses[0].addr_spec if addresses else str(parsed)
+
+
+class SmtpProvider:
+    """Email over SMTP (see the module docstring). Thread-safe: sends on one instance are
+    serialised over its one connection; run one instance per connection wanted."""
+
+    channel = Channel.EMAIL
+
+    def __init__(
+        self,
+        settings: EmailSettings,
+        *,
+        host: str,
+        port: int,
+        security: Literal["none", "starttls", "tls"] = "starttls",
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 30.0,
+        tls_context: ssl.SSLContext | None = None,
+        name: str = "smtp",
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.host, self.port, self.security = host, port, security
+        self.username, self.password = username, password
+        self.timeout = timeout
+        self.tls_context = tls_context or ssl.create_default_context()
+        self._conn: smtplib.SMTP | None = None
+        self._lock = threading.Lock()
+        #: how many connections were opened (connection reuse is visible in tests and stats)
+        self.connections = 0
+
+    def _connect(self) -> smtplib.SMTP:
+        conn: smtplib.SMTP
+        if self.security == "tls":
+            conn = smtplib.SMTP_SSL(
+                self.host, self.port, timeout=self.timeout, context=self.tls_context
+            )
+        else:
+            conn = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.ehlo()
+            if self.security == "starttls":
+                conn.starttls(context=self.tls_context)
+                conn.ehlo()
+            if self.username is not None:
+                self._login(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self.connections += 1
+        return conn
+
+    def _login(self, conn: smtplib.SMTP) -> None:
+        """AUTH with one mechanism, PLAIN if offered, else LOGIN (``smtplib.SMTP.login`` would
+        try each in turn with the same wrong password)."""
+        offered = conn.esmtp_features.get("auth", "").upper().split()
+        mechanism = next((m for m in ("PLAIN", "LOGIN") if m in offered), None)
+        if mechanism is None:
+            raise smtplib.SMTPNotSupportedError(
+                f"the server offers no AUTH mechanism Waymark speaks (offered: {offered or 'none'})"
+            )
+        conn.user, conn.password = self.username or "", self.password or ""
+        method = conn.auth_plain if mechanism == "PLAIN" else conn.auth_login
+        conn.auth(mechanism, method)
+
+    def send(self, message: OutgoingMessage) -> DeliveryResult:
+        try:
+            mime = build_mime(message, self.settings)
+        except ValueError as exc:
+            return DeliveryResult.failed(f"cannot write the message: {exc}", transient=False)
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    if self._conn is None:
+                        self._conn = self._connect()
+                    refused = self._conn.send_message(
+                        mime, from_addr=_envelope_sender(mime), to_addrs=[message.to]
+                    )
+                except smtplib.SMTPServerDisconnected as exc:
+                    self._drop()
+                    if attempt == 2:
+                        return DeliveryResult.failed(f"server disconnected: {exc}", transient=True)
+                    continue  # a reused connection the server had closed: open a new one
+                except smtplib.SMTPRecipientsRefused as exc:
+                    code, reply = exc.recipients.get(message.to, (550, b"refused"))
+                    return self._refused(code, reply, "recipient refused")
+                except smtplib.SMTPSenderRefused as exc:
+                    return self._refused(exc.smtp_code, exc.smtp_error, "sender refused")
+                except smtplib.SMTPAuthenticationError as exc:
+                    self._drop()
+                    return self._refused(exc.smtp_code, exc.smtp_error, "authentication failed")
+                except smtplib.SMTPResponseException as exc:
+                    self._drop()
+                    return self._refused(exc.smtp_code, exc.smtp_error, "server said")
+                except (OSError, smtplib.SMTPException) as exc:
+                    self._drop()
+                    kind = "timed out" if isinstance(exc, socket.timeout) else "cannot connect"
+                    if isinstance(exc, ssl.SSLCertVerificationError):
+                        kind = "TLS certificate not trusted, connecting"
+                    return DeliveryResult.failed(
+                        f"{kind} to {self.host}:{self.port}: {exc}", transient=True
+                    )
+                if refused:
+                    code, reply = refused[message.to]
+                    return self._refused(code, reply, "recipient refused")
+                return DeliveryResult.sent(mime["Message-ID"])
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _refused(code: int, reply: bytes | str, what: str) -> DeliveryResult:
+        text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+        return DeliveryResult.failed(f"{what}: {code} {text}", transient=400 <= code < 500)
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def close(self) -> None:
+        """Say QUIT and close the connection, if one is open."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:
+                    conn.quit()
+                except (OSError, smtplib.SMTPException):
+                    conn.close()
