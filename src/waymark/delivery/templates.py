@@ -36,7 +36,6 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -75,8 +74,6 @@ __all__ = [
 
 #: Longest source a field or fragment may have.
 MAX_SOURCE: Final = 256 * 1024
-#: Name of a template or fragment.
-NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_ .-]{0,127}")
 
 
 class Channel(StrEnum):
@@ -123,8 +120,6 @@ ROOTS: Final[Mapping[str, frozenset[str] | None]] = {
 }
 #: Keys of a profile that are not attributes.
 PROFILE_KEYS: Final = frozenset({"id"})
-#: Where free-form data begins: below these, names are not checked.
-_FREE: Final = {("journey", "context"), ("offer", "content"), ("event", "properties")}
 
 
 class Missing(StrEnum):
