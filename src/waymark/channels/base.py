@@ -22,6 +22,9 @@ from waymark.delivery.templates import Channel, Rendered
 
 __all__ = [
     "DeliveryResult",
+    "Feedback",
+    "FeedbackKind",
+    "InboundText",
     "Outcome",
     "OutgoingMessage",
     "Provider",
@@ -66,6 +69,9 @@ class DeliveryResult:
     detail: str = ""
     transient: bool = False
     retry_after: float | None = None
+    #: the provider says the address no longer exists (an expired push subscription, an
+    #: unregistered device token, an unknown mailbox): it is pruned or suppressed
+    address_gone: bool = False
 
     @classmethod
     def sent(cls, provider_id: str | None, detail: str = "") -> DeliveryResult:
@@ -76,6 +82,51 @@ class DeliveryResult:
         cls, detail: str, *, transient: bool, retry_after: float | None = None
     ) -> DeliveryResult:
         return cls(Outcome.FAILED, None, detail, transient, retry_after)
+
+    @classmethod
+    def gone(cls, detail: str) -> DeliveryResult:
+        """A permanent failure because the address no longer exists."""
+        return cls(Outcome.FAILED, None, detail, False, None, address_gone=True)
+
+
+class FeedbackKind(StrEnum):
+    """What a provider, a tracking endpoint or a recipient reported about a sent message; each
+    becomes the profile event ``message.<kind>``."""
+
+    DELIVERED = "delivered"
+    OPENED = "opened"
+    CLICKED = "clicked"
+    BOUNCED = "bounced"  # ``bounce`` says "hard" or "soft"
+    COMPLAINED = "complained"
+    UNSUBSCRIBED = "unsubscribed"
+    FAILED = "failed"  # the provider accepted it but could not deliver it (e.g. an SMS)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One report about one message. ``message_id`` is Waymark's id when the provider echoes it
+    (a custom argument, a header), else ``provider_id`` (the id its ``send`` returned) finds
+    the message. ``at`` is aware."""
+
+    kind: FeedbackKind
+    at: datetime
+    message_id: str | None = None
+    provider_id: str | None = None
+    address: str | None = None
+    bounce: str | None = None  # "hard" | "soft", for BOUNCED
+    url: str | None = None  # the link, for CLICKED
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class InboundText:
+    """A text message a recipient sent to one of the workspace's numbers (E.164 both)."""
+
+    sender: str
+    recipient: str
+    body: str
+    at: datetime
+    provider_id: str | None = None
 
 
 class Provider(Protocol):
