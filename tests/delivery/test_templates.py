@@ -285,3 +285,47 @@ def test_the_json_form_reads_back_equal(channel: str, missing: str, text: str) -
         document.update(title=text if text.strip() else "t", body="b", data={"k": text})
     definition = parse_template(document)
     assert parse_template(definition.to_json()) == definition
+
+
+def _email(html: str, fragments: dict[str, str] | None = None) -> Any:
+    return compile_template(
+        parse_template({"channel": "email", "subject": "s", "html": html}), SCHEMA, fragments
+    )
+
+
+def test_the_derived_text_part_matches_converting_each_rendered_html() -> None:
+    from inscriptis import get_text
+
+    html = (
+        "<html><head><style>p { color: red }</style></head><body>"
+        "<h1>Hi {{ profile.first_name | default: 'there' }}</h1>"
+        "<ul>{% for tag in profile.tags %}<li>{{ tag | upcase }}</li>{% endfor %}</ul>"
+        "{% if profile.points > 10 %}<p>Gold: {{ profile.points }}</p>{% else %}<p>Soon</p>"
+        "{% endif %}<p><a href='{{ message.unsubscribe_url }}'>Unsubscribe</a></p>"
+        "{% render 'footer' %}</body></html>"
+    )
+    template = _email(html, {"footer": "<table><tr><td>Acme &amp; Co</td></tr></table>"})
+    for profile in (
+        {"first_name": "Ann", "tags": ["a", "b"], "points": 12},
+        {"tags": [], "points": 3},
+        {},
+    ):
+        out = template.render({"profile": profile, "message": {"unsubscribe_url": "u"}})
+        assert out.fields["text"] == get_text(out.fields["html"]).strip() + "\n"
+        assert "Acme & Co" in out.fields["text"] and "color" not in out.fields["text"]
+
+
+def test_profile_values_in_the_derived_text_are_not_escaped() -> None:
+    out = _email("<p>{{ profile.first_name }} &lt;3</p>").render(
+        {"profile": {"first_name": "Tom & <Jerry>"}}
+    )
+    assert out.fields["html"] == "<p>Tom &amp; &lt;Jerry&gt; &lt;3</p>"
+    assert out.fields["text"] == "Tom & <Jerry> <3\n"
+
+
+def test_a_block_opened_inside_an_attribute_falls_back_to_converting_the_html() -> None:
+    template = _email(
+        '<p class="{% if profile.points %}x">Points{% else %}y">None{% endif %}</p>'
+    )
+    assert template.render({"profile": {"points": 1}}).fields["text"] == "Points\n"
+    assert template.render({"profile": {}}).fields["text"] == "None\n"

@@ -5,7 +5,10 @@ of each of that channel's fields:
 
 - ``email``: ``subject`` (required), ``preheader``, ``from_name``, ``from_address``,
   ``reply_to``, ``html`` and/or ``text`` (at least one; a missing ``text`` is derived from the
-  rendered ``html``);
+  ``html``: once, when the template is compiled, by converting the HTML *source* to text with
+  its Liquid markup kept in place, so each recipient costs one render of a short text template
+  instead of an HTML-to-text conversion; where that conversion cannot keep the markup whole, or
+  the derived template fails for a recipient, that recipient's rendered HTML is converted);
 - ``sms``: ``text``;
 - ``push``: ``title``, ``body`` (required), ``deep_link``, ``image_url``, ``data`` (an object of
   string templates);
@@ -36,6 +39,7 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -261,12 +265,67 @@ def _environment(fragments: Fragments, *, html: bool, missing: Missing) -> Envir
     return env
 
 
+#: Liquid markup in a source: output, tags, inline comments (with whitespace control)
+_MARKUP: Final = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
+#: placeholders for markup while the HTML around it becomes text (private-use characters)
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_HELD: Final = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+_BLANK_RUNS: Final = re.compile(r"[ \t]+\n|\n{3,}")
+
+
+def derive_text_source(html_source: str) -> str | None:
+    """The Liquid source of a plain-text part for ``html_source``: the HTML converted to text
+    (as for a rendered message) with every piece of Liquid markup kept where it stood. Markup
+    in attributes (an ``href``) and in ``<head>`` or ``<style>`` drops out with its HTML.
+    ``None`` when the source already holds the placeholder characters."""
+    if _OPEN in html_source or _CLOSE in html_source:
+        return None
+    held: list[str] = []
+
+    def hold(match: re.Match[str]) -> str:
+        held.append(match.group(0))
+        return f"{_OPEN}{len(held) - 1}{_CLOSE}"
+
+    text = get_text(_MARKUP.sub(hold, html_source))
+    # a line holding only tags (a loop's or a condition's) leaves no line of its own: its tags
+    # join the next line, as the HTML they stood between leaves no text
+    lines: list[str] = []
+    pending = ""
+    for line in text.split("\n"):
+        found = _HELD.findall(line)
+        if (
+            found
+            and not _HELD.sub("", line).strip()
+            and all(not held[int(n)].startswith("{{") for n in found)
+        ):
+            pending += "".join(held[int(n)] for n in found)
+            continue
+        lines.append(pending + line)
+        pending = ""
+    if pending:
+        lines.append(pending)
+    return _HELD.sub(lambda m: held[int(m.group(1))], "\n".join(lines))
+
+
+def _tidy_text(text: str) -> str:
+    """Trailing spaces gone, at most one blank line in a row, one final newline."""
+    return (
+        _BLANK_RUNS.sub(lambda m: "\n\n" if m.group(0).startswith("\n") else "\n", text).strip()
+        + "\n"
+    )
+
+
+#: the key of an email's text part derived from its HTML at compile time
+_DERIVED: Final = "text~derived"
+
+
 class CompiledTemplate:
     """A validated template ready to render; build with :func:`compile_template`."""
 
     def __init__(self, definition: TemplateDef, parts: Mapping[str, BoundTemplate]) -> None:
         self.definition = definition
         self._parts = dict(parts)
+        self._derived = self._parts.pop(_DERIVED, None)
 
     @cached_property
     def references(self) -> frozenset[str]:
@@ -297,7 +356,15 @@ class CompiledTemplate:
         definition = self.definition
         body: Any = None
         if definition.channel is Channel.EMAIL and "text" not in out:
-            out["text"] = get_text(out.get("html", "")).strip() + "\n"
+            text: str | None = None
+            if self._derived is not None:
+                try:
+                    text = _tidy_text(self._derived.render(**context))
+                except LiquidError:
+                    text = None  # e.g. a variable assigned in an attribute: convert the HTML
+            if text is None:
+                text = get_text(out.get("html", "")).strip() + "\n"
+            out["text"] = text
         if definition.channel is Channel.WEBHOOK:
             try:
                 body = orjson.loads(out["body"])
@@ -351,7 +418,29 @@ def compile_template(
         parts[key] = template
     if issues:
         raise InvalidInput(issues)
+    if definition.channel is Channel.EMAIL and "text" not in parts and "html" in parts:
+        derived = _derived_text(definition, fragments)
+        if derived is not None:
+            parts[_DERIVED] = derived
     return CompiledTemplate(definition, parts)
+
+
+def _derived_text(definition: TemplateDef, fragments: Mapping[str, str]) -> BoundTemplate | None:
+    """The text part's template derived from the HTML's (fragments derived alike), or ``None``
+    when the conversion left markup that no longer parses (a block opened in an attribute)."""
+    converted: dict[str, str] = {}
+    for name, source in {"": definition.fields["html"], **fragments}.items():
+        text = derive_text_source(source)
+        if text is None:
+            return None
+        converted[name] = text
+    env = _environment(
+        {k: v for k, v in converted.items() if k}, html=False, missing=definition.missing
+    )
+    try:
+        return env.from_string(converted[""])
+    except LiquidError:
+        return None
 
 
 def _near(source: str, exc: LiquidError) -> str:
