@@ -324,8 +324,6 @@ def test_profile_values_in_the_derived_text_are_not_escaped() -> None:
 
 
 def test_a_block_opened_inside_an_attribute_falls_back_to_converting_the_html() -> None:
-    template = _email(
-        '<p class="{% if profile.points %}x">Points{% else %}y">None{% endif %}</p>'
-    )
+    template = _email('<p class="{% if profile.points %}x">Points{% else %}y">None{% endif %}</p>')
     assert template.render({"profile": {"points": 1}}).fields["text"] == "Points\n"
     assert template.render({"profile": {}}).fields["text"] == "None\n"

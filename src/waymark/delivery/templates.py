@@ -356,15 +356,15 @@ class CompiledTemplate:
         definition = self.definition
         body: Any = None
         if definition.channel is Channel.EMAIL and "text" not in out:
-            text: str | None = None
+            plain: str | None = None
             if self._derived is not None:
                 try:
-                    text = _tidy_text(self._derived.render(**context))
+                    plain = _tidy_text(self._derived.render(**context))
                 except LiquidError:
-                    text = None  # e.g. a variable assigned in an attribute: convert the HTML
-            if text is None:
-                text = get_text(out.get("html", "")).strip() + "\n"
-            out["text"] = text
+                    plain = None  # e.g. a variable assigned in an attribute: convert the HTML
+            if plain is None:
+                plain = get_text(out.get("html", "")).strip() + "\n"
+            out["text"] = plain
         if definition.channel is Channel.WEBHOOK:
             try:
                 body = orjson.loads(out["body"])
