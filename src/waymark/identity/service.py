@@ -38,6 +38,7 @@ from waymark.storage import hotpath
 from waymark.storage.database import streaming_lock
 from waymark.storage.eventlog import events_table
 from waymark.storage.tables import (
+    FOLLOW_MERGE_TABLES,
     audience_changes,
     audience_members,
     consents,
@@ -353,6 +354,12 @@ class ProfileWriter:
                 .where(event_inbox.c.workspace_id == ws, event_inbox.c.profile_id == absorbed)
                 .values(profile_id=survivor)
             )
+            for table in FOLLOW_MERGE_TABLES:
+                conn.execute(
+                    update(table)
+                    .where(table.c.workspace_id == ws, table.c.profile_id == absorbed)
+                    .values(profile_id=survivor)
+                )
             if self.shared_event_log:
                 conn.execute(
                     update(events_table)

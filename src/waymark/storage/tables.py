@@ -389,6 +389,181 @@ stream_recheck = Table(
     sqlite_autoincrement=True,
 )
 
+# -- delivery ---------------------------------------------------------------------------------
+
+# Message templates (waymark.delivery.templates), saved after being checked against the schema.
+templates = Table(
+    "templates",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("workspace_id", Id, ForeignKey("workspaces.id"), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("definition", Json, nullable=False),  # TemplateDef.to_json()
+    Column("version", Integer, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    UniqueConstraint("workspace_id", "name"),
+)
+
+# Reusable pieces of templates, included with {% render "name" %}.
+template_fragments = Table(
+    "template_fragments",
+    metadata,
+    Column("workspace_id", Id, ForeignKey("workspaces.id"), primary_key=True),
+    Column("name", String(100), primary_key=True),
+    Column("source", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("updated_by", String(200), nullable=False),
+)
+
+# A workspace's delivery rules (waymark.delivery.rules): read in the transaction of every
+# decision, so a change applies to the very next message.
+delivery_rules = Table(
+    "delivery_rules",
+    metadata,
+    Column("workspace_id", Id, ForeignKey("workspaces.id"), primary_key=True),
+    Column("document", Json, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("updated_by", String(200), nullable=False),
+)
+
+# Addresses no message may reach (per channel): hard bounces, complaints, unsubscribes, manual
+# entries, repeated soft bounces. ``profile_id`` names the profile the entry came from, if any.
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("workspace_id", Id, primary_key=True),
+    Column("channel", String(16), primary_key=True),
+    Column("address", String(320), primary_key=True),
+    Column("reason", String(32), nullable=False),
+    Column("detail", String(1000), nullable=False, default=""),
+    Column("source", String(200), nullable=False),
+    Column("profile_id", Id),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_suppressions_profile", "workspace_id", "profile_id"),
+)
+
+# Every message: the transactional outbox the dispatcher reads (``status`` queued or held, due
+# at ``next_attempt_at``) and the message log. ``idempotency_key`` makes writing the same send
+# intent twice return the first message. ``counted_at`` is set while the message counts toward
+# the frequency caps (admitted to be sent); caps count these rows, per profile.
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("idempotency_key", String(255), nullable=False),
+    Column("profile_id", Id, nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("purpose", String(64), nullable=False),
+    Column("transactional", Boolean, nullable=False),
+    Column("template_id", Id),
+    Column("template_version", Integer),
+    Column("source_kind", String(16), nullable=False),  # journey | campaign | test | api
+    Column("source_id", String(255), nullable=False, default=""),
+    Column("to_address", Text),
+    Column("content", Text),  # the rendered content, JSON
+    # queued | held | sending | sent | delivered | failed | excluded | dead | cancelled
+    Column("status", String(16), nullable=False),
+    Column("reason", String(32)),  # why excluded or failed (a machine code)
+    Column("rule", String(100)),  # the cap or quiet hours window that excluded or held it
+    Column("detail", String(2000), nullable=False, default=""),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UtcDateTime),
+    Column("lease_until", UtcDateTime),
+    Column("provider", String(64)),
+    Column("provider_id", String(255)),
+    Column("counted_at", UtcDateTime),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("sent_at", UtcDateTime),
+    UniqueConstraint("workspace_id", "idempotency_key"),
+    Index("ix_messages_due", "status", "next_attempt_at"),
+    Index("ix_messages_counted", "workspace_id", "profile_id", "counted_at"),
+    Index("ix_messages_provider_id", "workspace_id", "provider", "provider_id"),
+    Index("ix_messages_source", "workspace_id", "source_kind", "source_id"),
+)
+
+# The status history of every message, in order.
+message_events = Table(
+    "message_events",
+    metadata,
+    Column("seq", Big, primary_key=True, autoincrement=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("message_id", Id, nullable=False),
+    Column("profile_id", Id, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("detail", Json, nullable=False, default=dict),
+    Index("ix_message_events_message", "workspace_id", "message_id"),
+    Index("ix_message_events_profile", "workspace_id", "profile_id"),
+    sqlite_autoincrement=True,
+)
+
+# Messages whose transient failures outlasted their retries: kept for inspection and replay.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("message_id", Id, primary_key=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("profile_id", Id, nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", String(2000), nullable=False),
+    Column("failed_at", UtcDateTime, nullable=False),
+    Column("replayed_at", UtcDateTime),
+    Index("ix_dead_letters_workspace", "workspace_id", "failed_at"),
+)
+
+# Push addresses of a profile: Web Push subscriptions (JSON: endpoint and keys) and FCM device
+# tokens; one message goes to each. A subscription the push service reports gone is deleted.
+push_subscriptions = Table(
+    "push_subscriptions",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("profile_id", Id, nullable=False),
+    Column("kind", String(16), nullable=False),  # webpush | fcm
+    Column("address", Text, nullable=False),
+    Column("address_hash", String(64), nullable=False),  # sha256 of address: one row per address
+    Column("label", String(200), nullable=False, default=""),  # browser or app, for people
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("last_seen_at", UtcDateTime, nullable=False),
+    UniqueConstraint("workspace_id", "address_hash"),
+    Index("ix_push_subscriptions_profile", "workspace_id", "profile_id"),
+)
+
+# The in-app inbox: cards delivered to a profile, read and dismissed through the API.
+inbox_messages = Table(
+    "inbox_messages",
+    metadata,
+    Column("message_id", Id, primary_key=True),
+    Column("workspace_id", Id, nullable=False),
+    Column("profile_id", Id, nullable=False),
+    Column("content", Json, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("read_at", UtcDateTime),
+    Column("dismissed_at", UtcDateTime),
+    Column("expires_at", UtcDateTime),
+    Index("ix_inbox_messages_profile", "workspace_id", "profile_id", "created_at"),
+)
+
+#: Delivery tables whose rows follow a profile into the survivor when it is merged (their
+#: ``profile_id`` is updated in the merge's transaction): caps count across both, the message
+#: log and the inbox show both.
+FOLLOW_MERGE_TABLES: tuple[Table, ...] = (
+    messages,
+    message_events,
+    dead_letters,
+    suppressions,
+    push_subscriptions,
+    inbox_messages,
+)
+
 #: Tables holding data about a person, with the column naming that person's profile. The
 #: privacy deletion test walks every table of ``metadata`` and requires each to be listed here
 #: or in ``PERSON_FREE_TABLES``, so a new table cannot silently escape deletion.
@@ -402,6 +577,12 @@ PERSON_TABLES: dict[str, str] = {
     "audience_changes": "profile_id",
     "stream_states": "profile_id",
     "stream_recheck": "profile_id",
+    "suppressions": "profile_id",
+    "messages": "profile_id",
+    "message_events": "profile_id",
+    "dead_letters": "profile_id",
+    "push_subscriptions": "profile_id",
+    "inbox_messages": "profile_id",
 }
 PERSON_FREE_TABLES: frozenset[str] = frozenset(
     {
@@ -415,5 +596,8 @@ PERSON_FREE_TABLES: frozenset[str] = frozenset(
         "privacy_requests",
         "audiences",
         "audience_runs",
+        "templates",
+        "template_fragments",
+        "delivery_rules",
     }
 )
