@@ -126,13 +126,30 @@ def test_a_filter_failing_on_the_data_is_a_render_failure() -> None:
 def test_a_webhook_body_must_render_to_json() -> None:
     template = compile_template(
         parse_template(
-            {"channel": "webhook", "body": '{"name": {{ profile.first_name | json }}, "n": 1}'}
+            {
+                "channel": "webhook",
+                "url": " https://hooks.test/{{ profile.first_name | url_encode }} ",
+                "body": '{"name": {{ profile.first_name | json }}, "n": 1}',
+            }
         ),
         SCHEMA,
     )
-    assert template.render({"profile": {"first_name": 'Di "D"'}}).json == {"name": 'Di "D"', "n": 1}
+    out = template.render({"profile": {"first_name": 'Di "D"'}})
+    assert out.json == {"name": 'Di "D"', "n": 1}
+    assert out.fields["url"] == "https://hooks.test/Di+%22D%22"
+    with pytest.raises(RenderFailed, match="not an http"):
+        compile_template(
+            parse_template({"channel": "webhook", "url": "{{ profile.first_name }}", "body": "1"}),
+            SCHEMA,
+        ).render({"profile": {"first_name": "javascript:alert(1)"}})
     broken = compile_template(
-        parse_template({"channel": "webhook", "body": '{"name": {{ profile.first_name }}}'}),
+        parse_template(
+            {
+                "channel": "webhook",
+                "url": "https://h.test",
+                "body": '{"name": {{ profile.first_name }}}',
+            }
+        ),
         SCHEMA,
     )
     with pytest.raises(RenderFailed, match="not JSON"):
@@ -280,7 +297,7 @@ def test_the_json_form_reads_back_equal(channel: str, missing: str, text: str) -
     elif channel == "sms":
         document.update(text=text if text.strip() else "t")
     elif channel == "webhook":
-        document.update(body="{}")
+        document.update(url="https://h.test/x", body="{}")
     else:
         document.update(title=text if text.strip() else "t", body="b", data={"k": text})
     definition = parse_template(document)

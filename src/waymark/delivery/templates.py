@@ -12,8 +12,9 @@ of each of that channel's fields:
 - ``sms``: ``text``;
 - ``push``: ``title``, ``body`` (required), ``deep_link``, ``image_url``, ``data`` (an object of
   string templates);
-- ``webhook``: ``body``, whose rendering must be a JSON document (use the ``json`` filter to
-  write values: ``{"name": {{ profile.first_name | json }}}``);
+- ``webhook``: ``url`` (rendering to an ``http`` or ``https`` URL) and ``body``, whose rendering
+  must be a JSON document (use the ``json`` filter to write values:
+  ``{"name": {{ profile.first_name | json }}}``);
 - ``inbox``: ``title``, ``body`` (required), ``image_url``, ``action_url``, ``data``.
 
 The render context has fixed roots (:data:`ROOTS`): ``profile`` (its attributes, and ``id``),
@@ -103,7 +104,7 @@ FIELDS: Final[Mapping[Channel, tuple[tuple[str, ...], frozenset[str], bool]]] = 
         frozenset({"title", "body"}),
         True,
     ),
-    Channel.WEBHOOK: (("body",), frozenset({"body"}), False),
+    Channel.WEBHOOK: (("url", "body"), frozenset({"url", "body"}), False),
     Channel.INBOX: (
         ("title", "body", "image_url", "action_url"),
         frozenset({"title", "body"}),
@@ -366,6 +367,9 @@ class CompiledTemplate:
                 plain = get_text(out.get("html", "")).strip() + "\n"
             out["text"] = plain
         if definition.channel is Channel.WEBHOOK:
+            url = out["url"] = out["url"].strip()
+            if not url.lower().startswith(("http://", "https://")) or any(c.isspace() for c in url):
+                raise RenderFailed("url", f"the rendered url is not an http(s) URL: {url[:100]!r}")
             try:
                 body = orjson.loads(out["body"])
             except orjson.JSONDecodeError as exc:
