@@ -102,6 +102,7 @@ class Reason(StrEnum):
     NO_CONSENT = "no_consent"
     QUIET_HOURS = "quiet_hours"
     FREQUENCY_CAP = "frequency_cap"
+    NO_PROFILE = "no_profile"  # the profile went away before the message did (decided by storage)
 
 
 # -- the rules ------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ __all__ = [
     "RenderFailed",
     "Rendered",
     "TemplateDef",
+    "check_fragment",
     "compile_template",
     "parse_template",
 ]
@@ -427,6 +428,41 @@ def compile_template(
         if derived is not None:
             parts[_DERIVED] = derived
     return CompiledTemplate(definition, parts)
+
+
+def check_fragment(source: str, schema: Schema, fragments: Fragments | None = None) -> None:
+    """Check a fragment on its own: syntax, filters, the fragments it includes, and its
+    references to the context's roots (other names are the arguments ``{% render %}`` passes,
+    checked where a template includes it). :class:`InvalidInput` as :func:`compile_template`."""
+    issues: list[Issue] = []
+    env = _environment(dict(fragments or {}), html=False, missing=Missing.EMPTY)
+    try:
+        analysis = env.from_string(source).analyze(include_partials=True)
+    except TemplateNotFoundError as exc:
+        raise InvalidInput(
+            [Issue("source", f"unknown fragment {exc.message}{_near(source, exc)}")]
+        ) from None
+    except LiquidError as exc:
+        raise InvalidInput([Issue("source", f"{exc.message}{_near(source, exc)}")]) from None
+    for name, spans in analysis.filters.items():
+        if name not in env.filters:
+            where = _position(source, spans[0].index) if spans[0].template_name == "" else ""
+            at = f" ({where})" if where else f" (in fragment {spans[0].template_name!r})"
+            issues.append(
+                Issue("source", f"unknown filter {name!r}{at}{did_you_mean(name, env.filters)}")
+            )
+    for variables in analysis.globals.values():
+        for variable in variables:
+            segments = [str(s) for s in variable.segments]
+            if segments[0] not in ROOTS:
+                continue
+            reason = _check_reference(segments, schema, None)
+            if reason is not None and variable.span.template_name == "":
+                issues.append(
+                    Issue("source", f"{reason} ({_position(source, variable.span.index)})")
+                )
+    if issues:
+        raise InvalidInput(issues)
 
 
 def _derived_text(definition: TemplateDef, fragments: Mapping[str, str]) -> BoundTemplate | None:

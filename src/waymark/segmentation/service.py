@@ -30,6 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from waymark.access.service import record_audit
 from waymark.core.errors import Conflict, InvalidInput, Issue, NotFound
 from waymark.core.ids import new_id
+from waymark.core.names import check_name
 from waymark.hub import Hub
 from waymark.profiles.schema_store import current_schema
 from waymark.segmentation.compile.sql import EXECUTED_DIALECTS, WAREHOUSE_DIALECTS, compile_sql
@@ -70,7 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-NAME_MAX = 100
 #: What the streaming mode means, for ``explain``.
 STREAMING_REASON = (
     "kept up to date event by event by waymark serve: each event, attribute change and timer "
@@ -180,21 +180,6 @@ def as_of(text: str | None, default: datetime) -> datetime:
     return moment
 
 
-def _check_name(name: object) -> None:
-    if not isinstance(name, str) or not name.strip() or len(name) > NAME_MAX:
-        raise InvalidInput([Issue("name", f"must be a string of 1 to {NAME_MAX} characters")])
-    if name != name.strip() or any(ord(c) < 32 or c in '/\\"' for c in name):
-        raise InvalidInput(
-            [
-                Issue(
-                    "name",
-                    "must not start or end with spaces, nor hold control characters, '/', "
-                    "'\\' or '\"' (it is part of URLs and file names)",
-                )
-            ]
-        )
-
-
 def _check_schedule(schedule: object) -> None:
     if schedule is None:
         return
@@ -237,7 +222,7 @@ def save_audience(
     now: datetime,
 ) -> Audience:
     """Create the audience ``name`` or replace its definition (a new version)."""
-    _check_name(name)
+    check_name(name)
     _check_schedule(schedule)
     if not isinstance(description, str) or len(description) > 1000:
         raise InvalidInput([Issue("description", "must be a string of at most 1000 characters")])
