@@ -23,7 +23,10 @@ from waymark.storage.tables import message_events, messages, push_subscriptions
 WELCOME = {
     "channel": "email",
     "subject": "Hi {{ profile.first_name }}",
-    "html": "<p>Hello {{ profile.first_name }}</p>{% render 'footer', url: message.unsubscribe_url %}",
+    "html": (
+        "<p>Hello {{ profile.first_name }}</p>"
+        "{% render 'footer', url: message.unsubscribe_url %}"
+    ),
 }
 FOOTER = "<p><a href='{{ url }}'>Unsubscribe</a></p>"
 

@@ -56,7 +56,8 @@ class EmailSettings:
         return self.message_id_domain or self.from_address.rpartition("@")[2] or "localhost"
 
 
-def _with_preheader(html: str, preheader: str) -> str:
+def with_preheader(html: str, preheader: str) -> str:
+    """``html`` with ``preheader`` as its hidden first text (right after ``<body>``)."""
     hidden = (
         '<div style="display:none;max-height:0;overflow:hidden;mso-hide:all">'
         f"{escape(preheader)}{_PREVIEW_PAD}</div>"
@@ -68,6 +69,23 @@ def _with_preheader(html: str, preheader: str) -> str:
         if end >= 0:
             return html[: end + 1] + hidden + html[end + 1 :]
     return hidden + html
+
+
+def unsubscribe_headers(message: OutgoingMessage) -> dict[str, str]:
+    """``List-Unsubscribe`` with the message's URL and mailto (RFC 2369) and, when the URL is
+    https, ``List-Unsubscribe-Post`` for one-click unsubscribing (RFC 8058); none without
+    either."""
+    links = []
+    if message.unsubscribe_url:
+        links.append(f"<{message.unsubscribe_url}>")
+    if message.unsubscribe_mailto:
+        links.append(f"<mailto:{message.unsubscribe_mailto}>")
+    if not links:
+        return {}
+    headers = {"List-Unsubscribe": ", ".join(links)}
+    if message.unsubscribe_url and message.unsubscribe_url.startswith("https://"):
+        headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    return headers
 
 
 def build_mime(message: OutgoingMessage, settings: EmailSettings) -> EmailMessage:
@@ -87,15 +105,8 @@ def build_mime(message: OutgoingMessage, settings: EmailSettings) -> EmailMessag
         mime["Reply-To"] = reply_to
     mime["Date"] = format_datetime(message.created_at)
     mime["Message-ID"] = f"<{message.id}@{settings.domain}>"
-    links = []
-    if message.unsubscribe_url:
-        links.append(f"<{message.unsubscribe_url}>")
-    if message.unsubscribe_mailto:
-        links.append(f"<mailto:{message.unsubscribe_mailto}>")
-    if links:
-        mime["List-Unsubscribe"] = ", ".join(links)
-        if message.unsubscribe_url and message.unsubscribe_url.startswith("https://"):
-            mime["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    for key, value in unsubscribe_headers(message).items():
+        mime[key] = value
     for key, value in message.headers.items():
         mime[key] = value
     mime.set_content(fields.get("text", ""), subtype="plain", cte="quoted-printable")
@@ -103,7 +114,7 @@ def build_mime(message: OutgoingMessage, settings: EmailSettings) -> EmailMessag
     if html:
         preheader = fields.get("preheader")
         if preheader:
-            html = _with_preheader(html, preheader)
+            html = with_preheader(html, preheader)
         mime.add_alternative(html, subtype="html", cte="quoted-printable")
     return mime
 

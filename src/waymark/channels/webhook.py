@@ -28,7 +28,7 @@ from waymark.delivery.templates import Channel
 __all__ = ["WebhookProvider", "sign", "verify_signature"]
 
 SIGNATURE_HEADER = "Waymark-Signature"
-_TRANSIENT = frozenset({408, 425, 429})
+TRANSIENT_STATUSES = frozenset({408, 425, 429})
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -53,7 +53,9 @@ def verify_signature(
     return hmac.compare_digest(expected, parts.get("v1", ""))
 
 
-def _retry_after(value: str | None, now: datetime) -> float | None:
+def retry_after(value: str | None, now: datetime) -> float | None:
+    """The seconds a ``Retry-After`` header asks to wait (a number or an HTTP date, relative
+    to ``now``); ``None`` when absent or unreadable."""
     if not value:
         return None
     try:
@@ -113,8 +115,8 @@ class WebhookProvider:
         if 200 <= status < 300:
             return DeliveryResult.sent(response.headers.get("x-request-id"), f"HTTP {status}")
         detail = f"HTTP {status}: {response.text[:200]}"
-        transient = status in _TRANSIENT or status >= 500
-        wait = _retry_after(response.headers.get("retry-after"), now) if transient else None
+        transient = status in TRANSIENT_STATUSES or status >= 500
+        wait = retry_after(response.headers.get("retry-after"), now) if transient else None
         return DeliveryResult.failed(detail, transient=transient, retry_after=wait)
 
     def close(self) -> None:
