@@ -237,6 +237,14 @@ class Outbox:
         ] = {}
         self._schemas: dict[tuple[str, int], Schema] = {}
 
+    def unsubscribe_url(self, message_id: str) -> str:
+        """Where the recipient of ``message_id`` unsubscribes (one click, RFC 8058)."""
+        return f"{self.public_url}/t/u/{message_id}"
+
+    def preferences_url(self, message_id: str) -> str:
+        """Where the recipient of ``message_id`` manages their subscriptions."""
+        return f"{self.public_url}/t/p/{message_id}"
+
     # -- loading ----------------------------------------------------------------------------
 
     def _schema(self, conn: Connection, workspace_id: str) -> tuple[int, Schema]:
@@ -516,8 +524,8 @@ class Outbox:
                 "message": {
                     "id": message_id,
                     "channel": channel.value,
-                    "unsubscribe_url": f"{self.public_url}/t/u/{message_id}",
-                    "preferences_url": f"{self.public_url}/t/p/{message_id}",
+                    "unsubscribe_url": self.unsubscribe_url(message_id),
+                    "preferences_url": self.preferences_url(message_id),
                 },
                 "workspace": {"id": workspace_id, "name": ws_name},
             }

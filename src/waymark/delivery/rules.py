@@ -16,7 +16,8 @@ A workspace's rules are a JSON document (:func:`parse_rules`)::
   may wrap midnight) applies to its ``channels`` (all when omitted) in the recipient's time zone,
   or in its own ``time_zone`` when given. ``action`` ``"hold"`` (the default) holds the message
   until the window ends; ``"drop"`` excludes it.
-- ``require_consent`` (default true): a non-transactional message needs an ``opted_in`` consent.
+- ``require_consent`` (default true): a non-transactional message needs an ``opted_in`` consent,
+  except in the in-app inbox (shown only inside the app); an ``opted_out`` blocks every channel.
 
 :func:`decide` checks, in this order, and the first that fails decides:
 
@@ -582,7 +583,12 @@ def _consent(
     statuses = [consents.get((channel, message.purpose)), consents.get((channel, ANY_PURPOSE))]
     if "opted_out" in statuses:
         return Exclude(Reason.NO_CONSENT, f"the profile opted out of {what}")
-    if rules.require_consent and "opted_in" not in statuses:
+    # the in-app inbox is shown only inside the app the person uses: it needs no opt-in
+    if (
+        rules.require_consent
+        and message.channel is not Channel.INBOX
+        and "opted_in" not in statuses
+    ):
         status = next((s for s in statuses if s is not None), "none")
         return Exclude(Reason.NO_CONSENT, f"no opt-in for {what} (consent: {status})")
     return None
