@@ -20,7 +20,7 @@ from waymark.channels.email import EmailSettings, SmtpProvider
 from waymark.channels.sink import SinkSmtpServer, SinkStore
 from waymark.core.ids import new_id
 from waymark.delivery import store
-from waymark.delivery.dispatcher import DispatchSettings, Dispatcher, pending
+from waymark.delivery.dispatcher import Dispatcher, DispatchSettings, pending
 from waymark.delivery.outbox import Outbox, SendIntent, Source
 from waymark.delivery.templates import Channel
 from waymark.storage.tables import (
