@@ -390,4 +390,3 @@ def test_a_message_without_a_provider_waits_and_is_kept(shop: Shop) -> None:
     row = _status(shop, message_id)
     assert row.status == "queued" and "no provider" in row.detail
     dispatcher.close()
-

@@ -24,8 +24,7 @@ WELCOME = {
     "channel": "email",
     "subject": "Hi {{ profile.first_name }}",
     "html": (
-        "<p>Hello {{ profile.first_name }}</p>"
-        "{% render 'footer', url: message.unsubscribe_url %}"
+        "<p>Hello {{ profile.first_name }}</p>{% render 'footer', url: message.unsubscribe_url %}"
     ),
 }
 FOOTER = "<p><a href='{{ url }}'>Unsubscribe</a></p>"
