@@ -7,6 +7,7 @@ Nothing below the edge reads the environment.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from datetime import timedelta
@@ -74,6 +75,33 @@ class Settings(BaseModel):
         "(it spills to a folder beside the log beyond that)",
     )
     identity_graph_limit: int = 50
+    public_url: str = Field(
+        default="http://127.0.0.1:8088",
+        description="where recipients reach this hub: the base of tracked links, the open "
+        "pixel, unsubscribe and preference pages, and provider callbacks",
+    )
+    providers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per channel (email, sms, push, webhook), the provider that sends it and its "
+        'options, e.g. {"email": {"kind": "smtp", "host": "smtp.example.com", "port": 587, '
+        '"security": "starttls", "username": "...", "password": "...", "from_address": '
+        '"shop@example.com"}}; a channel without one goes to the development sink in the data '
+        "folder (kind \"sink\")",
+    )
+    dispatch_workers: int = Field(
+        default=4, ge=1, le=64, description="threads of `serve` handing messages to providers"
+    )
+    dispatch_rates: dict[str, float] = Field(
+        default_factory=dict,
+        description='per channel, at most this many sends per second, e.g. {"sms": 10}',
+    )
+    soft_bounce_limit: int = Field(
+        default=3,
+        ge=1,
+        description="soft bounces of one address within soft_bounce_days that put it on the "
+        "suppression list",
+    )
+    soft_bounce_days: int = Field(default=30, ge=1)
     source_priority: dict[str, list[str]] = Field(
         default_factory=dict,
         description="per attribute, the sources whose values win over newer ones, highest "
@@ -125,6 +153,17 @@ class Settings(BaseModel):
 _ENV_PREFIX = "WAYMARK_"
 
 
+def _env_value(raw: str) -> Any:
+    """An environment value: JSON when it is an object or a list (``WAYMARK_PROVIDERS``),
+    else the text, which the settings model converts."""
+    if raw.lstrip().startswith(("{", "[")):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw  # the model then names the field that is not valid
+    return raw
+
+
 def load_settings(
     environ: dict[str, str] | None = None,
     config_file: Path | None = None,
@@ -150,7 +189,7 @@ def load_settings(
         if key.startswith(_ENV_PREFIX) and key != "WAYMARK_CONFIG":
             name = key[len(_ENV_PREFIX) :].lower()
             if name in fields:
-                values[name] = raw
+                values[name] = _env_value(raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return Settings.model_validate(values)
