@@ -17,7 +17,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cache, cached_property, lru_cache
@@ -202,6 +202,68 @@ class Schema:
     @cached_property
     def _lenient(self) -> _Compiled:
         return _Compiled(self, lenient=True)
+
+
+def _builtin_events() -> dict[str, EventSpec]:
+    text = FieldSpec(FieldType.STRING)
+    common = {
+        "message_id": text,
+        "channel": FieldSpec(FieldType.STRING, enum=("email", "sms", "push", "webhook", "inbox")),
+        "purpose": text,
+        "template": text,
+        "source": FieldSpec(FieldType.STRING, enum=("journey", "campaign", "test", "api")),
+        "source_id": text,
+        "provider": text,
+    }
+    extra: dict[str, dict[str, FieldSpec]] = {
+        "sent": {},
+        "delivered": {},
+        "opened": {},
+        "clicked": {"url": text, "link_id": FieldSpec(FieldType.INTEGER)},
+        "bounced": {"bounce": FieldSpec(FieldType.STRING, enum=("hard", "soft"))},
+        "complained": {},
+        "unsubscribed": {},
+        "failed": {"reason": text},
+    }
+    return {
+        f"message.{kind}": EventSpec(
+            {**common, **props}, description=f"Written by the hub: a message was {kind}."
+        )
+        for kind, props in extra.items()
+    }
+
+
+#: Events the hub writes itself (delivery feedback); every workspace's schema in force declares
+#: them (:func:`with_builtin_events`), so audiences and journeys can use them.
+BUILTIN_EVENTS: Final[Mapping[str, EventSpec]] = _builtin_events()
+
+
+def with_builtin_events(schema: Schema) -> Schema:
+    """``schema`` with :data:`BUILTIN_EVENTS` declared (they replace same-named ones)."""
+    if all(schema.events.get(name) == spec for name, spec in BUILTIN_EVENTS.items()):
+        return schema
+    return replace(schema, events={**schema.events, **BUILTIN_EVENTS})
+
+
+def without_builtin_events(schema: Schema) -> Schema:
+    """``schema`` as a workspace declares it: built-in events that are declared as built in are
+    left out; :class:`InvalidInput` when one is declared differently."""
+    issues = [
+        Issue(
+            f"events.{name}",
+            "is written by the hub and declared for every workspace; leave "
+            "it out (or declare it exactly as `waymark schema show` lists it)",
+        )
+        for name, spec in schema.events.items()
+        if name in BUILTIN_EVENTS and spec != BUILTIN_EVENTS[name]
+    ]
+    if issues:
+        raise InvalidInput(issues)
+    if not any(name in BUILTIN_EVENTS for name in schema.events):
+        return schema
+    return replace(
+        schema, events={n: e for n, e in schema.events.items() if n not in BUILTIN_EVENTS}
+    )
 
 
 @dataclass(frozen=True, slots=True)

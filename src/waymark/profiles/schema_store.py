@@ -9,7 +9,13 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select
 
 from waymark.access.service import record_audit
-from waymark.model.schemas import Schema, diff_compatible, parse_schema
+from waymark.model.schemas import (
+    Schema,
+    diff_compatible,
+    parse_schema,
+    with_builtin_events,
+    without_builtin_events,
+)
 from waymark.storage.hotpath import fetch_rows
 from waymark.storage.tables import schemas
 
@@ -43,8 +49,13 @@ def current_schema(conn: Connection, workspace_id: str) -> SchemaVersion:
         .limit(1)
     ).first()
     if row is None:
-        return SchemaVersion(0, Schema.empty(), None, "")
-    return SchemaVersion(row.version, parse_schema(row.document), row.created_at, row.created_by)
+        return SchemaVersion(0, _EMPTY, None, "")
+    return SchemaVersion(
+        row.version,
+        with_builtin_events(parse_schema(row.document)),
+        row.created_at,
+        row.created_by,
+    )
 
 
 def schema_in_force(conn: Connection, workspace_id: str) -> tuple[int, Schema]:
@@ -65,14 +76,14 @@ def schema_in_force(conn: Connection, workspace_id: str) -> tuple[int, Schema]:
                 schemas.c.workspace_id == workspace_id, schemas.c.version == version
             )
         ).scalar_one()
-        compiled = parse_schema(document)
+        compiled = with_builtin_events(parse_schema(document))
         if len(_COMPILED) >= 256:
             _COMPILED.clear()
         _COMPILED[key] = compiled
     return int(version), compiled
 
 
-_EMPTY = Schema.empty()
+_EMPTY = with_builtin_events(Schema.empty())
 _COMPILED: dict[tuple[str, int], Schema] = {}  # versions never change once saved
 
 
@@ -82,7 +93,10 @@ def schema_history(conn: Connection, workspace_id: str) -> list[SchemaVersion]:
         select(schemas).where(schemas.c.workspace_id == workspace_id).order_by(schemas.c.version)
     )
     return [
-        SchemaVersion(r.version, parse_schema(r.document), r.created_at, r.created_by) for r in rows
+        SchemaVersion(
+            r.version, with_builtin_events(parse_schema(r.document)), r.created_at, r.created_by
+        )
+        for r in rows
     ]
 
 
@@ -94,7 +108,8 @@ def save_schema(
     Raises :class:`~waymark.core.errors.InvalidInput` with the path of each problem; returns the
     new version with warnings about breaking changes against the previous one.
     """
-    schema = parse_schema(document)
+    declared = without_builtin_events(parse_schema(document))
+    schema = with_builtin_events(declared)
     previous = current_schema(conn, workspace_id)
     warnings = tuple(diff_compatible(previous.schema, schema)) if previous.version else ()
     latest = conn.execute(
@@ -105,7 +120,7 @@ def save_schema(
         insert(schemas).values(
             workspace_id=workspace_id,
             version=version,
-            document=schema.to_json(),
+            document=declared.to_json(),
             created_at=at,
             created_by=actor,
         )
