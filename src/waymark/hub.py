@@ -30,6 +30,8 @@ class Hub:
     mover_lock: threading.RLock = field(default_factory=threading.RLock)
     #: set when events were stored, so the mover runs now rather than at its next interval
     inbox_signal: threading.Event = field(default_factory=threading.Event)
+    #: set when messages were written to the outbox, so the dispatcher runs now
+    outbox_signal: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def open(

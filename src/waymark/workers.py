@@ -9,6 +9,7 @@ import logging
 
 from starlette.concurrency import run_in_threadpool
 
+from waymark.delivery.runtime import DeliveryRuntime
 from waymark.hub import Hub
 from waymark.ingestion.mover import flush_hub
 from waymark.profiles.service import finish_deletions
@@ -85,10 +86,25 @@ async def _checkpoints(hub: Hub, interval: float) -> None:
             log.exception("checkpoint failed")
 
 
-async def run_background(hub: Hub) -> None:
+async def _dispatching(hub: Hub, delivery: DeliveryRuntime, interval: float) -> None:
+    """Deliver due messages: a round at once when the outbox signals new messages, at least
+    every ``interval`` seconds, and back to back while rounds find work."""
+    while True:
+        try:
+            stats = await run_in_threadpool(delivery.dispatcher.run_once)
+        except Exception:  # keep serving; the next round retries (leases keep messages safe)
+            log.exception("dispatching messages failed")
+            stats = None
+        if stats is None or stats.claimed == 0:
+            await run_in_threadpool(hub.outbox_signal.wait, interval)
+            hub.outbox_signal.clear()
+
+
+async def run_background(hub: Hub, delivery: DeliveryRuntime | None = None) -> None:
     """Run until cancelled: finish pending deletions once, then move the inbox (folding the
     events into the streaming audiences) as soon as ingestion signals new events, at least every
-    ``flush_interval_ms``, and run scheduled audiences when due."""
+    ``flush_interval_ms``, run scheduled audiences when due, and (given ``delivery``) send due
+    messages."""
     done = await run_in_threadpool(finish_pending_deletions, hub)
     if done:
         log.info("finished interrupted privacy deletions", extra={"count": done})
@@ -104,6 +120,9 @@ async def run_background(hub: Hub) -> None:
     gc.set_threshold(20_000, 20, 20)
     schedules = asyncio.create_task(_audience_schedules(hub))
     checkpoints = asyncio.create_task(_checkpoints(hub, hub.settings.checkpoint_interval_ms / 1000))
+    dispatching = (
+        asyncio.create_task(_dispatching(hub, delivery, interval)) if delivery is not None else None
+    )
     try:
         while True:
             busy = False
@@ -117,6 +136,8 @@ async def run_background(hub: Hub) -> None:
     finally:
         schedules.cancel()
         checkpoints.cancel()
+        if dispatching is not None:
+            dispatching.cancel()
         # the process may go on (an app whose lifespan ended, in tests): collect as before
         gc.set_threshold(*thresholds)
         gc.unfreeze()

@@ -454,7 +454,7 @@ class SinkProvider:
                 "email goes to the sink through SmtpProvider and SinkSmtpServer, not SinkProvider"
             )
         self.store = store
-        self.channel = channel
+        self.channel: Channel = channel
         self.name = name
 
     def send(self, message: OutgoingMessage) -> DeliveryResult:

@@ -51,7 +51,7 @@ import orjson
 from inscriptis import get_text
 from liquid import (
     BoundTemplate,
-    DictLoader,
+    CachingDictLoader,
     Environment,
     StrictDefaultUndefined,
     Undefined,
@@ -259,7 +259,7 @@ def _position(source: str, index: int) -> str:
 
 def _environment(fragments: Fragments, *, html: bool, missing: Missing) -> Environment:
     env = Environment(
-        loader=DictLoader(dict(fragments)),
+        loader=CachingDictLoader(dict(fragments), auto_reload=False),
         autoescape=html,
         undefined=StrictDefaultUndefined if missing is Missing.SKIP else Undefined,
     )
@@ -272,7 +272,8 @@ _MARKUP: Final = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
 #: placeholders for markup while the HTML around it becomes text (private-use characters)
 _OPEN, _CLOSE = "\ue000", "\ue001"
 _HELD: Final = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
-_BLANK_RUNS: Final = re.compile(r"[ \t]+\n|\n{3,}")
+_TRAILING: Final = re.compile(r"[ \t]+$", re.MULTILINE)
+_BLANK_RUNS: Final = re.compile(r"\n{3,}")
 
 
 def derive_text_source(html_source: str) -> str | None:
@@ -311,10 +312,7 @@ def derive_text_source(html_source: str) -> str | None:
 
 def _tidy_text(text: str) -> str:
     """Trailing spaces gone, at most one blank line in a row, one final newline."""
-    return (
-        _BLANK_RUNS.sub(lambda m: "\n\n" if m.group(0).startswith("\n") else "\n", text).strip()
-        + "\n"
-    )
+    return _BLANK_RUNS.sub("\n\n", _TRAILING.sub("", text)).strip() + "\n"
 
 
 #: the key of an email's text part derived from its HTML at compile time

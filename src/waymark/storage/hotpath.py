@@ -7,7 +7,7 @@ the inbox) bypass it. Everything else goes through SQLAlchemy Core.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -291,3 +291,78 @@ def read_profile(
         )
     )
     return row, links, consents
+
+
+#: ``messages`` columns in the order :func:`insert_messages` takes them
+MESSAGE_COLUMNS = (
+    "id",
+    "workspace_id",
+    "idempotency_key",
+    "profile_id",
+    "channel",
+    "purpose",
+    "transactional",
+    "template_id",
+    "template_version",
+    "source_kind",
+    "source_id",
+    "to_address",
+    "content",
+    "status",
+    "reason",
+    "rule",
+    "detail",
+    "attempts",
+    "next_attempt_at",
+    "lease_until",
+    "provider",
+    "provider_id",
+    "counted_at",
+    "created_at",
+    "updated_at",
+    "sent_at",
+)
+_MESSAGE_TIMES = frozenset(
+    {"next_attempt_at", "lease_until", "counted_at", "created_at", "updated_at", "sent_at"}
+)
+
+
+def insert_messages(
+    conn: Connection, rows: Sequence[Mapping[str, Any]], history: Sequence[Mapping[str, Any]]
+) -> None:
+    """New outbox messages (dicts with every :data:`MESSAGE_COLUMNS` key) and their first
+    status rows (``workspace_id, message_id, profile_id, status, at, detail`` with ``detail``
+    a JSON-able mapping), each in one executemany."""
+    if not rows:
+        return
+    m, j, t = _marks(conn), _json_mark(conn), time_converter(conn)
+    times = [c in _MESSAGE_TIMES for c in MESSAGE_COLUMNS]
+    _write_many(
+        conn,
+        f"INSERT INTO messages ({', '.join(MESSAGE_COLUMNS)}) "
+        f"VALUES ({', '.join([m] * len(MESSAGE_COLUMNS))})",
+        [
+            tuple(
+                (t(r[c]) if r[c] is not None else None) if is_time else r[c]
+                for c, is_time in zip(MESSAGE_COLUMNS, times, strict=True)
+            )
+            for r in rows
+        ],
+    )
+    dumps = orjson.dumps
+    _write_many(
+        conn,
+        "INSERT INTO message_events (workspace_id, message_id, profile_id, status, at, detail) "
+        f"VALUES ({m}, {m}, {m}, {m}, {m}, {j})",
+        [
+            (
+                h["workspace_id"],
+                h["message_id"],
+                h["profile_id"],
+                h["status"],
+                t(h["at"]),
+                dumps(h["detail"]).decode(),
+            )
+            for h in history
+        ],
+    )
