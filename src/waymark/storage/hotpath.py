@@ -366,3 +366,94 @@ def insert_messages(
             for h in history
         ],
     )
+
+
+def _json(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+def read_delivery_state(
+    conn: Connection, workspace_id: str
+) -> tuple[str, dict[str, Any], int, Any, int] | None:
+    """What every delivery decision of a workspace reads first, in one statement: ``(name,
+    settings, rules version (0: none saved), rules document (None), schema version (0))``;
+    ``None`` for an unknown workspace."""
+    m = _marks(conn)
+    rows = fetch_rows(
+        conn,
+        "SELECT w.name, w.settings, r.version, r.document, "
+        f"(SELECT max(s.version) FROM schemas s WHERE s.workspace_id = w.id) "
+        f"FROM workspaces w LEFT JOIN delivery_rules r ON r.workspace_id = w.id WHERE w.id = {m}",
+        (workspace_id,),
+    )
+    if not rows:
+        return None
+    name, settings, version, document, schema_version = rows[0]
+    return name, _json(settings) or {}, int(version or 0), _json(document), int(schema_version or 0)
+
+
+def read_delivery_facts(
+    conn: Connection, workspace_id: str, profile_ids: Sequence[str], counted_since: datetime | None
+) -> tuple[
+    dict[str, dict[str, Any]],
+    list[tuple[str, str, str, str]],
+    list[tuple[str, str, str, str, bool, datetime]],
+]:
+    """For ``profile_ids`` (at most a few hundred): their attributes by id, their consents
+    ``(profile, channel, purpose, status)`` and, unless ``counted_since`` is None, the messages
+    counting toward caps since then ``(id, profile, channel, purpose, transactional,
+    counted_at)``."""
+    if not profile_ids:
+        return {}, [], []
+    m = _marks(conn)
+    marks = ", ".join([m] * len(profile_ids))
+    params = (workspace_id, *profile_ids)
+    attributes = {
+        r[0]: _json(r[1]) or {}
+        for r in fetch_rows(
+            conn,
+            f"SELECT id, attributes FROM profiles WHERE workspace_id = {m} AND id IN ({marks})",
+            params,
+        )
+    }
+    consents = [
+        (r[0], r[1], r[2], r[3])
+        for r in fetch_rows(
+            conn,
+            "SELECT profile_id, channel, purpose, status FROM consents "
+            f"WHERE workspace_id = {m} AND profile_id IN ({marks})",
+            params,
+        )
+    ]
+    counted: list[tuple[str, str, str, str, bool, datetime]] = []
+    if counted_since is not None:
+        t = time_converter(conn)
+        counted = [
+            (r[0], r[1], r[2], r[3], bool(r[4]), read_time(r[5]))
+            for r in fetch_rows(
+                conn,
+                "SELECT id, profile_id, channel, purpose, transactional, counted_at FROM messages "
+                f"WHERE workspace_id = {m} AND profile_id IN ({marks}) AND counted_at > {m}",
+                (*params, t(counted_since)),
+            )
+        ]
+    return attributes, consents, counted
+
+
+def read_suppressed(
+    conn: Connection, workspace_id: str, channel: str, addresses: Sequence[str]
+) -> dict[str, str]:
+    """Of ``addresses`` (at most a few hundred), those suppressed on ``channel``: reasons."""
+    if not addresses:
+        return {}
+    m = _marks(conn)
+    marks = ", ".join([m] * len(addresses))
+    return {
+        r[0]: r[1]
+        for r in fetch_rows(
+            conn,
+            "SELECT address, reason FROM suppressions WHERE workspace_id = "
+            f"{m} AND channel = {m} AND address IN ({marks})",
+            (workspace_id, channel, *addresses),
+        )
+    }
