@@ -39,13 +39,19 @@ from delivery_enqueue import NOW, _settings, setup
 
 RULES = {
     "caps": [
-        {"name": "weekly email", "channel": "email", "purpose": "marketing", "limit": 3,
-         "per": "7d"},
+        {
+            "name": "weekly email",
+            "channel": "email",
+            "purpose": "marketing",
+            "limit": 3,
+            "per": "7d",
+        },
         {"name": "daily any", "limit": 5, "per": "1d"},
         {"name": "hourly", "limit": 1, "per": "1h"},
     ],
-    "quiet_hours": [{"name": "night", "channels": ["sms", "push"], "start": "21:00",
-                     "end": "08:00"}],
+    "quiet_hours": [
+        {"name": "night", "channels": ["sms", "push"], "start": "21:00", "end": "08:00"}
+    ],
 }
 
 
@@ -70,7 +76,10 @@ def main() -> None:
                 outbox.enqueue(
                     conn,
                     ws,
-                    [SendIntent(f"h{n}:{p}", p, "spring", Source("campaign", f"h{n}")) for p in ids],
+                    [
+                        SendIntent(f"h{n}:{p}", p, "spring", Source("campaign", f"h{n}"))
+                        for p in ids
+                    ],
                     now=clock.now(),
                 )
             clock.advance(step)

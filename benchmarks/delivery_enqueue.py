@@ -9,10 +9,10 @@ Sets up a workspace with the demo schema and ``--profiles`` profiles (email, fir
 time zone, an email marketing opt-in for most), a personalized email template (``--template
 simple``: subject and preheader with profile values, an HTML body of about 2 KB with two more
 and the unsubscribe link; ``rich``: five profile values, a loop over the offer's items, a
-condition, a filter chain and a fragment; the text part derived in both) and rules with two frequency caps and
-a quiet hours window. Then writes one send intent per profile in batches of ``--batch``
-(each batch one transaction, as a campaign or a journey worker would): each is rendered,
-decided (address, suppression, consent, quiet hours in the profile's zone, caps counted
+condition, a filter chain and a fragment; the text part derived in both) and rules with two
+frequency caps and a quiet hours window. Then writes one send intent per profile in batches
+of ``--batch`` (each batch one transaction, as a campaign or a journey worker would): each is
+rendered, decided (address, suppression, consent, quiet hours in the profile's zone, caps counted
 against the messages already written) and written with its status history. With
 ``--processes N`` the profiles are split between N processes writing at the same time.
 Prints messages per second and the machine.
@@ -56,7 +56,8 @@ to the new collection, with free shipping on every order this week.</p>
 <ul>{% for item in offer.tags %}<li><a href="https://shop.example.com/p/{{ item }}">
 {{ item | capitalize }}</a></li>{% endfor %}</ul>
 <p>Your lifetime value with us: {{ profile.lifetime_value | default: 0 | round: 2 }}.</p>
-<p><a class="cta" href="https://shop.example.com/new?c={{ campaign.id }}">Shop the collection</a></p>
+<p><a class="cta" href="https://shop.example.com/new?c={{ campaign.id }}">Shop the collection
+</a></p>
 <p>Questions? Reply to this email or visit our help centre; we answer within a day. Our stores
 are open every day from nine to eight, and returns are free for thirty days.</p>
 {% render "footer", unsubscribe: message.unsubscribe_url, preferences: message.preferences_url %}
@@ -78,12 +79,18 @@ FOOTER = """<p style="font-size:11px;color:#888">You receive this because you su
 preferences</a>. Example Shop GmbH, Musterstraße 1, 10115 Berlin.</p>"""
 RULES = {
     "caps": [
-        {"name": "weekly email", "channel": "email", "purpose": "marketing", "limit": 3,
-         "per": "7d"},
+        {
+            "name": "weekly email",
+            "channel": "email",
+            "purpose": "marketing",
+            "limit": 3,
+            "per": "7d",
+        },
         {"name": "daily any", "limit": 5, "per": "1d"},
     ],
-    "quiet_hours": [{"name": "night", "channels": ["sms", "push"], "start": "21:00",
-                     "end": "08:00"}],
+    "quiet_hours": [
+        {"name": "night", "channels": ["sms", "push"], "start": "21:00", "end": "08:00"}
+    ],
 }
 
 
@@ -96,9 +103,7 @@ def setup(folder: Path, url: str | None, n: int, template: str = "simple") -> tu
     try:
         with hub.tx() as conn:
             ws, _w, _a = access.create_workspace(conn, name="bench", actor="b", at=NOW)
-            save_schema(
-                conn, workspace_id=ws.id, document=load_demo_schema(), actor="b", at=NOW
-            )
+            save_schema(conn, workspace_id=ws.id, document=load_demo_schema(), actor="b", at=NOW)
             store.save_fragment(conn, ws.id, name="footer", source=FOOTER, actor="b", now=NOW)
             store.save_template(
                 conn,
@@ -149,7 +154,9 @@ def setup(folder: Path, url: str | None, n: int, template: str = "simple") -> tu
         hub.close()
 
 
-def enqueue(args: tuple[Path, str | None, str, list[str], int, int]) -> tuple[int, float, dict[str, int]]:
+def enqueue(
+    args: tuple[Path, str | None, str, list[str], int, int],
+) -> tuple[int, float, dict[str, int]]:
     folder, url, ws, ids, batch, worker = args
     hub = Hub.open(_settings(folder, url), ManualClock(NOW), migrate_now=False)
     outbox = Outbox(public_url="https://hub.example.com")
@@ -164,16 +171,24 @@ def enqueue(args: tuple[Path, str | None, str, list[str], int, int]) -> tuple[in
             outbox.enqueue(
                 conn,
                 ws,
-                [SendIntent(f"warm-{worker}", ids[0], "spring", Source("campaign", "spring"),
-                            context=context)],
+                [
+                    SendIntent(
+                        f"warm-{worker}",
+                        ids[0],
+                        "spring",
+                        Source("campaign", "spring"),
+                        context=context,
+                    )
+                ],
                 now=NOW,
             )
         started = time.perf_counter()
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
             intents = [
-                SendIntent(f"spring:{pid}", pid, "spring", Source("campaign", "spring"),
-                           context=context)
+                SendIntent(
+                    f"spring:{pid}", pid, "spring", Source("campaign", "spring"), context=context
+                )
                 for pid in chunk
             ]
             with hub.tx() as conn:
@@ -222,9 +237,9 @@ def main() -> None:
         try:
             with hub.engine.connect() as conn:
                 written = conn.execute(
-                    messages.select().with_only_columns(messages.c.id).where(
-                        messages.c.source_id == "spring"
-                    )
+                    messages.select()
+                    .with_only_columns(messages.c.id)
+                    .where(messages.c.source_id == "spring")
                 ).all()
         finally:
             hub.close()

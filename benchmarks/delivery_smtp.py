@@ -6,9 +6,10 @@
 Queues ``--messages`` personalized emails through the outbox (the simple template of
 ``delivery_enqueue.py``), then times the dispatcher delivering all of them: claiming batches
 (deciding each again under the rules), building the MIME message, sending it over SMTP (one
-reused connection per worker thread) to an aiosmtpd server, and recording each result in its own transaction before the next send
-(so a crash can duplicate at most one message per worker). The server, in its own process,
-counts messages and distinct Message-IDs. Prints messages per second, the
+reused connection per worker thread) to an aiosmtpd server, and recording each result in its
+own transaction before the next send (so a crash can duplicate at most one message per
+worker). The server, in its own process, counts messages and distinct Message-IDs. Prints
+messages per second, the
 count the server received, and the machine.
 """
 
@@ -40,7 +41,6 @@ from waymark.storage.tables import messages
 from _machine import machine
 from delivery_enqueue import NOW, _settings, setup
 
-
 _MESSAGE_ID = re.compile(rb"^Message-ID: *(\S+)", re.MULTILINE | re.IGNORECASE)
 
 
@@ -53,7 +53,7 @@ class Counting:
         self.count = 0
         self.ids: set[str] = set()
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         raw = envelope.original_content or b""
         found = _MESSAGE_ID.search(raw, 0, raw.find(b"\r\n\r\n"))
         with self.lock:
@@ -124,9 +124,7 @@ def main() -> None:
         started = time.perf_counter()
         stats = dispatcher.run_until_idle(rounds=100_000)
         elapsed = time.perf_counter() - started
-        connections = sum(
-            getattr(p, "connections", 0) for p in dispatcher._made  # noqa: SLF001
-        )
+        connections = sum(getattr(p, "connections", 0) for p in dispatcher._made)
         dispatcher.close()
         hub.close()
         stop.set()
