@@ -806,3 +806,24 @@ def test_decisions_have_a_json_form() -> None:
         "reason": "suppressed",
         "detail": "x",
     }
+
+
+def test_the_inbox_and_webhooks_need_no_opt_in_but_an_opt_out_still_blocks() -> None:
+    from waymark.delivery.rules import Exclude, Message, Send, decide, parse_rules
+    from waymark.delivery.templates import Channel as C
+
+    rules = parse_rules({})
+    for channel in (C.INBOX, C.WEBHOOK):
+        message = Message(channel, "marketing", "x")
+        assert isinstance(
+            decide(rules, message, consents={}, suppressed={}, sent=[], now=NOW), Send
+        )
+        out = decide(
+            rules,
+            message,
+            consents={(channel.value, "marketing"): "opted_out"},
+            suppressed={},
+            sent=[],
+            now=NOW,
+        )
+        assert isinstance(out, Exclude) and out.reason.value == "no_consent"

@@ -17,7 +17,8 @@ A workspace's rules are a JSON document (:func:`parse_rules`)::
   or in its own ``time_zone`` when given. ``action`` ``"hold"`` (the default) holds the message
   until the window ends; ``"drop"`` excludes it.
 - ``require_consent`` (default true): a non-transactional message needs an ``opted_in`` consent,
-  except in the in-app inbox (shown only inside the app); an ``opted_out`` blocks every channel.
+  except in the in-app inbox (shown only inside the app) and a webhook (a call to a system, not
+  to the person); an ``opted_out`` blocks every channel.
 
 :func:`decide` checks, in this order, and the first that fails decides:
 
@@ -583,10 +584,11 @@ def _consent(
     statuses = [consents.get((channel, message.purpose)), consents.get((channel, ANY_PURPOSE))]
     if "opted_out" in statuses:
         return Exclude(Reason.NO_CONSENT, f"the profile opted out of {what}")
-    # the in-app inbox is shown only inside the app the person uses: it needs no opt-in
+    # the in-app inbox is shown only inside the app the person uses, and a webhook calls a
+    # system, not the person: neither needs an opt-in
     if (
         rules.require_consent
-        and message.channel is not Channel.INBOX
+        and message.channel not in (Channel.INBOX, Channel.WEBHOOK)
         and "opted_in" not in statuses
     ):
         status = next((s for s in statuses if s is not None), "none")
