@@ -86,7 +86,7 @@ class Settings(BaseModel):
         'options, e.g. {"email": {"kind": "smtp", "host": "smtp.example.com", "port": 587, '
         '"security": "starttls", "username": "...", "password": "...", "from_address": '
         '"shop@example.com"}}; a channel without one goes to the development sink in the data '
-        "folder (kind \"sink\")",
+        'folder (kind "sink")',
     )
     dispatch_workers: int = Field(
         default=4, ge=1, le=64, description="threads of `serve` handing messages to providers"

@@ -21,8 +21,10 @@ from waymark.channels.sink import SinkSmtpServer, SinkStore
 from waymark.core.ids import new_id
 from waymark.delivery import store
 from waymark.delivery.dispatcher import Dispatcher, DispatchSettings, pending
+from waymark.delivery.feedback import tracking_keys
 from waymark.delivery.outbox import Outbox, SendIntent, Source
 from waymark.delivery.templates import Channel
+from waymark.delivery.tracking import read_unsubscribe
 from waymark.storage.tables import (
     dead_letters,
     inbox_messages,
@@ -127,7 +129,7 @@ def test_queued_messages_are_sent_and_their_history_kept(shop: Shop) -> None:
     assert sorted(m.id for m in provider.sent) == sorted(ids)
     sent = provider.sent[0]
     assert sent.content.fields["subject"] == "Hello Ann"
-    assert sent.unsubscribe_url is not None and sent.unsubscribe_url.endswith(sent.id)
+    assert sent.unsubscribe_url is None  # set by the tracking hook (next test)
     for message_id in ids:
         row = _status(shop, message_id)
         assert (row.status, row.provider, row.attempts) == ("sent", "recording", 1)
@@ -150,14 +152,21 @@ def test_email_goes_through_a_real_smtp_server(shop: Shop, smtp_sink: Any) -> No
     [message_id] = _enqueue(shop, "smtp")
     settings = EmailSettings(from_address="shop@example.com")
     provider = SmtpProvider(settings, host="127.0.0.1", port=port, security="none")
-    dispatcher = _dispatcher(shop, provider)
+    outbox = Outbox(public_url="https://hub.test")
+    dispatcher = _dispatcher(shop, provider, content_hook=outbox.tracker.content_hook(shop.hub))
     assert dispatcher.run_until_idle().sent == 1
     dispatcher.close()
     [entry] = sink.list()
     parsed = email.message_from_bytes(entry.raw, policy=policy.default)
     assert parsed["Subject"] == "Hello Ann" and parsed["To"] == "ann@example.com"
     assert parsed["Message-ID"].startswith(f"<{message_id}@")
-    assert message_id in parsed["List-Unsubscribe"]
+    link = parsed["List-Unsubscribe"].strip("<>")
+    assert link.startswith(f"https://hub.test/t/{shop.ws}/u/")
+    assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    with shop.hub.engine.connect() as conn:
+        keys = tracking_keys(conn, shop.ws)
+    request = read_unsubscribe(keys, link.rsplit("/", 1)[1])
+    assert (request.message_id, request.profile_id) == (message_id, shop.ids["ann"])
     assert _status(shop, message_id).status == "sent"
 
 

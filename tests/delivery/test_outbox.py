@@ -144,7 +144,7 @@ def test_an_intent_becomes_a_rendered_queued_message_once(shop: Shop) -> None:
     assert row.counted_at is not None and row.next_attempt_at is not None
     content = read_content(row.content)
     assert content.fields["subject"] == "Hi Ann"
-    assert f"https://hub.test/t/u/{first.message_id}" in content.fields["html"]
+    assert f"https://hub.test/t/{shop.ws}/u/" in content.fields["html"]  # signed: see feedback
     assert content.fields["text"].startswith("Hello Ann")
     with shop.hub.engine.connect() as conn:
         history = conn.execute(
@@ -382,3 +382,24 @@ def test_deciding_again_at_send_time_sees_changes_and_not_the_message_itself(sho
         decided = outbox.redecide(conn, shop.ws, [row], now=shop.hub.clock.now())
     assert decided[out.message_id].to_json()["reason"] == "no_consent"
     assert orjson.loads(row["content"])["channel"] == "email"
+
+
+def test_a_test_sends_links_never_unsubscribe_the_real_profile(shop: Shop) -> None:
+    from waymark.delivery.feedback import tracking_keys
+    from waymark.delivery.tracking import BadToken, read_unsubscribe
+
+    _templates(shop)
+    outbox = Outbox(public_url="https://hub.test")
+    real = _send(shop, outbox, "ann", "real")
+    test = SendIntent("t", shop.ids["ann"], "welcome", Source("test"), transactional=True)
+    with shop.hub.tx() as conn:
+        [seed] = outbox.enqueue(conn, shop.ws, [test], now=shop.hub.clock.now())
+        keys = tracking_keys(conn, shop.ws)
+
+    def token(message_id: str) -> str:
+        html = read_content(_row(shop, message_id).content).fields["html"]
+        return html.split(f"/t/{shop.ws}/u/")[1].split("'")[0]
+
+    assert read_unsubscribe(keys, token(real.message_id)).profile_id == shop.ids["ann"]
+    with pytest.raises(BadToken):
+        read_unsubscribe(keys, token(seed.message_id))

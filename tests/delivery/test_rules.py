@@ -809,11 +809,8 @@ def test_decisions_have_a_json_form() -> None:
 
 
 def test_the_inbox_and_webhooks_need_no_opt_in_but_an_opt_out_still_blocks() -> None:
-    from waymark.delivery.rules import Exclude, Message, Send, decide, parse_rules
-    from waymark.delivery.templates import Channel as C
-
     rules = parse_rules({})
-    for channel in (C.INBOX, C.WEBHOOK):
+    for channel in (Channel.INBOX, Channel.WEBHOOK):
         message = Message(channel, "marketing", "x")
         assert isinstance(
             decide(rules, message, consents={}, suppressed={}, sent=[], now=NOW), Send

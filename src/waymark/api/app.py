@@ -28,13 +28,20 @@ from waymark.access import service as access
 from waymark.access.service import Principal, Scope
 from waymark.api.audiences import add_audience_routes
 from waymark.api.auth import KeyCache, presented_key
+from waymark.api.delivery import add_delivery_routes
 from waymark.api.errors import (
     data_error_handler,
     validation_error_handler,
     waymark_error_handler,
 )
 from waymark.api.responses import JSONAnswer
+from waymark.api.sink import sink_router
+from waymark.api.tracking import add_tracking_routes
+from waymark.channels.sink import SinkStore
 from waymark.core.errors import InvalidInput, Issue, LimitExceeded, WaymarkError
+from waymark.delivery.outbox import Outbox
+from waymark.delivery.providers import KINDS, uses_sink
+from waymark.delivery.runtime import DeliveryRuntime
 from waymark.hub import Hub
 from waymark.ingestion.batcher import GroupCommitter
 from waymark.ingestion.pipeline import Ingestor, limits_of
@@ -127,6 +134,7 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
     limits = limits_of(hub)
     settings = hub.settings
     state: dict[str, Any] = {}
+    outbox = Outbox(public_url=settings.public_url)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -148,7 +156,10 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
                         parsers=settings.parse_workers,
                     )
                 )
-            task = asyncio.create_task(run_background(hub))
+            delivery = state["delivery"] = await run_in_threadpool(
+                functools.partial(DeliveryRuntime, hub, outbox=outbox)
+            )
+            task = asyncio.create_task(run_background(hub, delivery))
         try:
             yield
         finally:
@@ -159,6 +170,9 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
             pool: IngestPool | None = state.pop("pool", None)
             if pool is not None:
                 await run_in_threadpool(pool.close)
+            running: DeliveryRuntime | None = state.pop("delivery", None)
+            if running is not None:
+                await run_in_threadpool(running.close)
             committer.close()
             if background:
                 await run_in_threadpool(ingestor.flush)
@@ -442,6 +456,11 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
         return saved.to_json()
 
     add_audience_routes(app, hub, principal)
+    add_delivery_routes(app, hub, principal, outbox)
+    add_tracking_routes(app, hub, outbox.tracker)
+    if any(uses_sink(settings.providers, channel) for channel in KINDS):
+        # the development sink's pages: what was "sent" (no authentication: a local demo)
+        app.include_router(sink_router(SinkStore(settings.data_dir / "sink")))
 
     # -- access --------------------------------------------------------------------------------
 

@@ -30,6 +30,13 @@ from waymark.cli.common import (
     table,
     workspace_id,
 )
+from waymark.cli.delivery import (
+    fragment_app,
+    message_app,
+    rules_app,
+    suppression_app,
+    template_app,
+)
 from waymark.core.errors import InvalidInput, Issue, WaymarkError
 from waymark.hub import Hub
 
@@ -56,6 +63,11 @@ app.add_typer(profile_app, name="profile")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(demo_app, name="demo")
 app.add_typer(audience_app, name="audience")
+app.add_typer(template_app, name="template")
+app.add_typer(fragment_app, name="fragment")
+app.add_typer(rules_app, name="rules")
+app.add_typer(suppression_app, name="suppression")
+app.add_typer(message_app, name="message")
 
 
 @app.callback()

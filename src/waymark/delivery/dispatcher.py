@@ -267,6 +267,21 @@ class Dispatcher:
         return ready
 
     @staticmethod
+    def _settle(conn: Connection, row: Mapping[str, Any], now: datetime, **values: Any) -> bool:
+        """Record the outcome of our attempt, unless the message is no longer ours: deleted
+        (a privacy deletion) or claimed again after our lease ran out (theirs to record)."""
+        done = conn.execute(
+            update(messages)
+            .where(
+                messages.c.id == row["id"],
+                messages.c.status == "sending",
+                messages.c.attempts == row["attempts"],
+            )
+            .values(updated_at=now, **values)
+        ).rowcount
+        return bool(done)
+
+    @staticmethod
     def _set(conn: Connection, row: Mapping[str, Any], now: datetime, **values: Any) -> None:
         conn.execute(
             update(messages).where(messages.c.id == row["id"]).values(updated_at=now, **values)
@@ -343,10 +358,8 @@ class Dispatcher:
             to=row["to_address"] or "",
             content=read_content(row["content"]),
             created_at=row["created_at"],
-            unsubscribe_url=(
-                None if row["transactional"] else self.outbox.unsubscribe_url(row["id"])
-            ),
         )
+        # the signed List-Unsubscribe URL is the content hook's (waymark.delivery.feedback)
         if self.content_hook is not None:
             message = self.content_hook(row, message)
         try:
@@ -389,18 +402,8 @@ class Dispatcher:
         detail = result.detail[:2000]
         with self.hub.tx() as conn:
             self.fault("recording")
-            current = conn.execute(
-                select(messages.c.status, messages.c.attempts).where(messages.c.id == row["id"])
-            ).first()
-            if (
-                current is None
-                or current.status != "sending"
-                or current.attempts != row["attempts"]
-            ):
-                # deleted (privacy) or taken over after our lease ran out: theirs to record
-                return
             if result.outcome is Outcome.SENT:
-                self._set(
+                if not self._settle(
                     conn,
                     row,
                     now,
@@ -411,7 +414,8 @@ class Dispatcher:
                     detail=detail,
                     next_attempt_at=None,
                     lease_until=None,
-                )
+                ):
+                    return  # deleted, or taken over once our lease ran out
                 event = _event(
                     row, "sent", now, {"provider": provider, "provider_id": result.provider_id}
                 )
@@ -426,7 +430,7 @@ class Dispatcher:
                 if result.retry_after is not None:
                     delay = max(delay, result.retry_after)
                 retry_at = now + timedelta(seconds=delay)
-                self._set(
+                if not self._settle(
                     conn,
                     row,
                     now,
@@ -435,7 +439,8 @@ class Dispatcher:
                     detail=detail,
                     next_attempt_at=retry_at,
                     lease_until=None,
-                )
+                ):
+                    return  # deleted, or taken over once our lease ran out
                 event = _event(
                     row,
                     "retrying",
@@ -449,7 +454,7 @@ class Dispatcher:
                 )
                 stats.retried += 1
             elif result.transient:
-                self._set(
+                if not self._settle(
                     conn,
                     row,
                     now,
@@ -460,7 +465,8 @@ class Dispatcher:
                     next_attempt_at=None,
                     lease_until=None,
                     counted_at=None,
-                )
+                ):
+                    return  # deleted, or taken over once our lease ran out
                 conn.execute(delete(dead_letters).where(dead_letters.c.message_id == row["id"]))
                 conn.execute(
                     insert(dead_letters).values(
@@ -482,7 +488,7 @@ class Dispatcher:
                 stats.dead += 1
             else:
                 reason = "address_gone" if result.address_gone else "provider_rejected"
-                self._set(
+                if not self._settle(
                     conn,
                     row,
                     now,
@@ -493,7 +499,8 @@ class Dispatcher:
                     next_attempt_at=None,
                     lease_until=None,
                     counted_at=None,
-                )
+                ):
+                    return  # deleted, or taken over once our lease ran out
                 event = _event(
                     row, "failed", now, {"provider": provider, "detail": detail, "reason": reason}
                 )

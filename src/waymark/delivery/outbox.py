@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +36,11 @@ from typing import Any, Final
 
 import orjson
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import Connection, insert, select, text
+from sqlalchemy import Connection, select, text
 
 from waymark.core.errors import InvalidInput, Issue, NotFound
 from waymark.core.ids import new_id
+from waymark.delivery.feedback import Tracker, tracking_keys
 from waymark.delivery.rules import (
     Decision,
     Exclude,
@@ -48,14 +50,10 @@ from waymark.delivery.rules import (
     Rules,
     SentRecord,
     decide,
+    parse_rules,
 )
 from waymark.delivery.sms import e164
-from waymark.delivery.store import (
-    DEFAULT_RULES,
-    RulesVersion,
-    current_rules,
-    normal_address,
-)
+from waymark.delivery.store import DEFAULT_RULES, RulesVersion, normal_address
 from waymark.delivery.templates import (
     Channel,
     CompiledTemplate,
@@ -64,19 +62,20 @@ from waymark.delivery.templates import (
     compile_template,
     parse_template,
 )
+from waymark.delivery.tracking import TrackingKeys
 from waymark.model.schemas import FieldType, Schema, StringFormat
 from waymark.profiles.schema_store import current_schema
+from waymark.storage.hotpath import (
+    insert_messages,
+    read_delivery_facts,
+    read_delivery_state,
+    read_suppressed,
+)
 from waymark.storage.tables import (
-    consents,
-    message_events,
     messages,
-    profiles,
     push_subscriptions,
-    schemas,
-    suppressions,
     template_fragments,
     templates,
-    workspaces,
 )
 
 __all__ = [
@@ -197,20 +196,38 @@ class _Addresses:
     email: str | None
     phone: str | None
     time_zone: str | None
+    #: the channels whose address attribute is declared with its format (so stored values were
+    #: checked on the way in)
+    checked: frozenset[Channel] = frozenset()
 
     @classmethod
     def of(cls, schema: Schema) -> _Addresses:
-        def first(fmt: StringFormat, fallback: str) -> str | None:
-            for name, spec in schema.attributes.items():
-                if spec.type is FieldType.STRING and spec.format is fmt:
-                    return name
-            return fallback
-
+        found: dict[StringFormat, str] = {}
+        for name, spec in schema.attributes.items():
+            if spec.type is FieldType.STRING and spec.format is not None:
+                found.setdefault(spec.format, name)
         return cls(
-            first(StringFormat.EMAIL, "email"),
-            first(StringFormat.PHONE, "phone"),
-            first(StringFormat.TIMEZONE, "timezone"),
+            found.get(StringFormat.EMAIL, "email"),
+            found.get(StringFormat.PHONE, "phone"),
+            found.get(StringFormat.TIMEZONE, "timezone"),
+            frozenset(
+                c
+                for c, f in ((Channel.EMAIL, StringFormat.EMAIL), (Channel.SMS, StringFormat.PHONE))
+                if f in found
+            ),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """A workspace as its delivery decisions read it."""
+
+    name: str
+    zone: str
+    rules: Rules
+    rules_version: int
+    schema_version: int
+    schema: Schema
 
 
 @dataclass(slots=True)
@@ -232,36 +249,102 @@ class Outbox:
 
     def __init__(self, *, public_url: str = "http://127.0.0.1:8088") -> None:
         self.public_url = public_url.rstrip("/")
+        self.tracker = Tracker(self.public_url)
         self._compiled: dict[
             tuple[str, int, int, tuple[tuple[str, int], ...]], CompiledTemplate
         ] = {}
         self._schemas: dict[tuple[str, int], Schema] = {}
+        self._rules: dict[tuple[str, int], Rules] = {}
 
-    def unsubscribe_url(self, message_id: str) -> str:
-        """Where the recipient of ``message_id`` unsubscribes (one click, RFC 8058)."""
-        return f"{self.public_url}/t/u/{message_id}"
+    def unsubscribe_url(
+        self,
+        keys: TrackingKeys,
+        workspace_id: str,
+        *,
+        message_id: str,
+        profile_id: str,
+        channel: Channel,
+        purpose: str,
+    ) -> str:
+        """Where the recipient of ``message_id`` unsubscribes from ``(channel, purpose)`` (one
+        click, RFC 8058): the link :class:`~waymark.delivery.feedback.Tracker` signs."""
+        return self.tracker.unsubscribe_url(
+            keys,
+            workspace_id,
+            message_id=message_id,
+            profile_id=profile_id,
+            channel=channel,
+            purpose=purpose,
+        )
 
-    def preferences_url(self, message_id: str) -> str:
-        """Where the recipient of ``message_id`` manages their subscriptions."""
-        return f"{self.public_url}/t/p/{message_id}"
+    def preferences_url(
+        self, keys: TrackingKeys, workspace_id: str, *, message_id: str, profile_id: str
+    ) -> str:
+        """Where the recipient of ``message_id`` manages their subscriptions (signed)."""
+        return self.tracker.preferences_url(
+            keys, workspace_id, message_id=message_id, profile_id=profile_id
+        )
+
+    def render_context(
+        self,
+        keys: TrackingKeys,
+        workspace_id: str,
+        workspace_name: str,
+        *,
+        profile_id: str,
+        attributes: Mapping[str, Any],
+        message_id: str,
+        channel: Channel,
+        purpose: str,
+        extra: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """The render context of one message: the caller's ``extra`` roots (``event``,
+        ``journey`` …), then ``profile``, ``message`` (its links signed with ``keys``) and
+        ``workspace``, which the outbox always sets itself."""
+        return {
+            **extra,
+            "profile": {**attributes, "id": profile_id},
+            "message": {
+                "id": message_id,
+                "channel": channel.value,
+                "unsubscribe_url": self.unsubscribe_url(
+                    keys,
+                    workspace_id,
+                    message_id=message_id,
+                    profile_id=profile_id,
+                    channel=channel,
+                    purpose=purpose,
+                ),
+                "preferences_url": self.preferences_url(
+                    keys, workspace_id, message_id=message_id, profile_id=profile_id
+                ),
+            },
+            "workspace": {"id": workspace_id, "name": workspace_name},
+        }
 
     # -- loading ----------------------------------------------------------------------------
 
-    def _schema(self, conn: Connection, workspace_id: str) -> tuple[int, Schema]:
-        version = conn.execute(
-            select(schemas.c.version)
-            .where(schemas.c.workspace_id == workspace_id)
-            .order_by(schemas.c.version.desc())
-            .limit(1)
-        ).scalar()
-        version = int(version or 0)
-        cached = self._schemas.get((workspace_id, version))
-        if cached is None:
-            cached = current_schema(conn, workspace_id).schema
+    def _state(self, conn: Connection, workspace_id: str) -> _State:
+        """The workspace's name, time zone, rules and schema in force (parsed once per
+        version), read in one statement."""
+        found = read_delivery_state(conn, workspace_id)
+        if found is None:
+            raise NotFound(f"no workspace {workspace_id!r}")
+        name, settings, rules_version, document, schema_version = found
+        rules = self._rules.get((workspace_id, rules_version))
+        if rules is None:
+            rules = DEFAULT_RULES if document is None else parse_rules(document)
+            if len(self._rules) > 256:
+                self._rules.clear()
+            self._rules[(workspace_id, rules_version)] = rules
+        schema = self._schemas.get((workspace_id, schema_version))
+        if schema is None:
+            schema = current_schema(conn, workspace_id).schema
             if len(self._schemas) > 256:
                 self._schemas.clear()
-            self._schemas[(workspace_id, version)] = cached
-        return version, cached
+            self._schemas[(workspace_id, schema_version)] = schema
+        zone = str(settings.get("time_zone", "UTC"))
+        return _State(name, zone, rules, rules_version, schema_version, schema)
 
     def _templates(
         self, conn: Connection, workspace_id: str, names: set[str], schema: tuple[int, Schema]
@@ -313,46 +396,18 @@ class Outbox:
         given: dict[str, dict[tuple[str, str], str]] = defaultdict(dict)
         sent: dict[str, list[tuple[str, SentRecord]]] = defaultdict(list)
         longest = max((cap.per for cap in rules.caps), default=None)
+        since = None if longest is None else now - longest
         for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            for prow in conn.execute(
-                select(profiles.c.id, profiles.c.attributes).where(
-                    profiles.c.workspace_id == workspace_id, profiles.c.id.in_(chunk)
+            found, given_rows, counted = read_delivery_facts(
+                conn, workspace_id, ids[start : start + _CHUNK], since
+            )
+            attributes.update(found)
+            for profile_id, channel, purpose, status in given_rows:
+                given[profile_id][(channel, purpose)] = status
+            for message_id, profile_id, channel, purpose, transactional, at in counted:
+                sent[profile_id].append(
+                    (message_id, SentRecord(at, Channel(channel), purpose, transactional))
                 )
-            ):
-                attributes[prow.id] = prow.attributes
-            for row in conn.execute(
-                select(
-                    consents.c.profile_id, consents.c.channel, consents.c.purpose, consents.c.status
-                ).where(consents.c.workspace_id == workspace_id, consents.c.profile_id.in_(chunk))
-            ):
-                given[row.profile_id][(row.channel, row.purpose)] = row.status
-            if longest is not None:
-                for srow in conn.execute(
-                    select(
-                        messages.c.id,
-                        messages.c.profile_id,
-                        messages.c.channel,
-                        messages.c.purpose,
-                        messages.c.transactional,
-                        messages.c.counted_at,
-                    ).where(
-                        messages.c.workspace_id == workspace_id,
-                        messages.c.profile_id.in_(chunk),
-                        messages.c.counted_at > now - longest,
-                    )
-                ):
-                    sent[srow.profile_id].append(
-                        (
-                            srow.id,
-                            SentRecord(
-                                srow.counted_at,
-                                Channel(srow.channel),
-                                srow.purpose,
-                                srow.transactional,
-                            ),
-                        )
-                    )
         return _Facts(attributes, dict(given), dict(sent), {})
 
     def _load_suppressed(
@@ -363,24 +418,11 @@ class Outbox:
             by_channel[channel].append(address)
         for channel, addresses in by_channel.items():
             for start in range(0, len(addresses), _CHUNK):
-                for row in conn.execute(
-                    select(suppressions.c.address, suppressions.c.reason).where(
-                        suppressions.c.workspace_id == workspace_id,
-                        suppressions.c.channel == channel,
-                        suppressions.c.address.in_(addresses[start : start + _CHUNK]),
-                    )
-                ):
-                    facts.suppressed[(channel, row.address)] = row.reason
-
-    @staticmethod
-    def _workspace(conn: Connection, workspace_id: str) -> tuple[str, str]:
-        row = conn.execute(
-            select(workspaces.c.name, workspaces.c.settings).where(workspaces.c.id == workspace_id)
-        ).first()
-        if row is None:
-            raise NotFound(f"no workspace {workspace_id!r}")
-        zone = (row.settings or {}).get("time_zone", "UTC")
-        return row.name, str(zone)
+                found = read_suppressed(
+                    conn, workspace_id, channel, addresses[start : start + _CHUNK]
+                )
+                for address, reason in found.items():
+                    facts.suppressed[(channel, address)] = reason
 
     # -- addresses --------------------------------------------------------------------------
 
@@ -388,18 +430,21 @@ class Outbox:
     def _address(
         channel: Channel, attrs: Mapping[str, Any], where: _Addresses, to: str | None
     ) -> tuple[str | None, bool]:
-        """The normalised address on ``channel`` and whether it is valid."""
+        """The normalised address on ``channel`` and whether it is valid. An attribute the
+        schema declares with the email or phone format was checked when it was stored."""
         if channel is Channel.INBOX:
             return "inbox", True
         raw = to
+        checked = False
         if raw is None:
             name = where.email if channel is Channel.EMAIL else where.phone
             if channel in (Channel.EMAIL, Channel.SMS) and name is not None:
                 value = attrs.get(name)
                 raw = value if isinstance(value, str) else None
+                checked = channel in where.checked
         if raw is None or not raw.strip():
             return None, False
-        return normal_address(channel, raw), _valid(channel, raw)
+        return normal_address(channel, raw), checked or _valid(channel, raw)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -418,13 +463,16 @@ class Outbox:
         if not intents:
             return []
         cap_locks(conn, workspace_id, (i.profile_id for i in intents))
-        ws_name, ws_zone = self._workspace(conn, workspace_id)
-        schema = self._schema(conn, workspace_id)
-        where = _Addresses.of(schema[1])
+        state = self._state(conn, workspace_id)
+        ws_name, ws_zone = state.name, state.zone
+        keys = tracking_keys(conn, workspace_id)
+        # a test send's links never verify: a seed address clicking one must not unsubscribe
+        # the real profile the test rendered for
+        test_keys = TrackingKeys.of(os.urandom(32))
+        schema = (state.schema_version, state.schema)
+        where = _Addresses.of(state.schema)
         found = self._templates(conn, workspace_id, {i.template for i in intents}, schema)
-        rules = (
-            current_rules(conn, workspace_id) if found else RulesVersion(DEFAULT_RULES, 0, None, "")
-        )
+        rules = RulesVersion(state.rules, state.rules_version, None, "")
         facts = self._facts(conn, workspace_id, [i.profile_id for i in intents], rules.rules, now)
         issues = [
             Issue(f"[{n}].template", f"no template named {i.template!r} in this workspace")
@@ -476,7 +524,8 @@ class Outbox:
         rows: list[dict[str, Any]] = []
         history: list[dict[str, Any]] = []
         fresh: set[str] = set()
-        for intent, key, address, valid in planned:
+        for intent, key, planned_address, planned_valid in planned:
+            address, valid = planned_address, planned_valid
             if key in existing or key in fresh:
                 message_id, status, recorded = existing.get(key, ("", "", {}))
                 if key in fresh:  # the same key twice in one call: the first one counts
@@ -518,17 +567,17 @@ class Outbox:
                 "updated_at": now,
                 "sent_at": None,
             }
-            context = {
-                **intent.context,
-                "profile": {**attrs, "id": intent.profile_id},
-                "message": {
-                    "id": message_id,
-                    "channel": channel.value,
-                    "unsubscribe_url": self.unsubscribe_url(message_id),
-                    "preferences_url": self.preferences_url(message_id),
-                },
-                "workspace": {"id": workspace_id, "name": ws_name},
-            }
+            context = self.render_context(
+                test_keys if intent.source.kind == "test" else keys,
+                workspace_id,
+                ws_name,
+                profile_id=intent.profile_id,
+                attributes=attrs,
+                message_id=message_id,
+                channel=channel,
+                purpose=intent.purpose,
+                extra=intent.context,
+            )
             try:
                 rendered = compiled.render(context)
             except RenderFailed as exc:
@@ -545,6 +594,9 @@ class Outbox:
                 )
             else:
                 row["content"] = content_json(rendered)
+                if channel is Channel.WEBHOOK and intent.to is None:
+                    address, valid = rendered.fields["url"], True  # checked by the render
+                    row["to_address"] = address
                 decision = decide(
                     rules.rules,
                     Message(
@@ -581,9 +633,7 @@ class Outbox:
                 }
             )
             out.append(Enqueued(message_id, key, row["status"], decision_json))
-        if rows:
-            conn.execute(insert(messages), rows)
-            conn.execute(insert(message_events), history)
+        insert_messages(conn, rows, history)
         return out
 
     def _existing(
@@ -651,10 +701,10 @@ class Outbox:
         if not claimed:
             return {}
         cap_locks(conn, workspace_id, (m["profile_id"] for m in claimed))
-        _, ws_zone = self._workspace(conn, workspace_id)
-        schema = self._schema(conn, workspace_id)
-        where = _Addresses.of(schema[1])
-        rules = current_rules(conn, workspace_id).rules
+        state = self._state(conn, workspace_id)
+        ws_zone = state.zone
+        where = _Addresses.of(state.schema)
+        rules = state.rules
         facts = self._facts(conn, workspace_id, [m["profile_id"] for m in claimed], rules, now)
         self._load_suppressed(
             conn,

@@ -24,7 +24,8 @@ ContentHook = Callable[[Mapping[str, Any], OutgoingMessage], OutgoingMessage]
 
 class DeliveryRuntime:
     """Opens the sink (its SMTP server only when email goes to it), builds the providers of
-    ``hub.settings.providers`` (:class:`InvalidInput` naming bad options) and the dispatcher.
+    ``hub.settings.providers`` (:class:`InvalidInput` naming bad options) and the dispatcher,
+    whose emails are tracked (links, the open pixel) and carry signed unsubscribe links.
     ``factories`` replaces the configured providers (tests, benchmarks)."""
 
     def __init__(
@@ -34,6 +35,7 @@ class DeliveryRuntime:
         factories: Mapping[Channel, ProviderFactory] | None = None,
         content_hook: ContentHook | None = None,
         dispatch: DispatchSettings | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         settings = hub.settings
         self.hub = hub
@@ -52,7 +54,9 @@ class DeliveryRuntime:
             except BaseException:
                 self.close()
                 raise
-        self.outbox = Outbox(public_url=settings.public_url)
+        self.outbox = outbox or Outbox(public_url=settings.public_url)
+        if content_hook is None:  # tracked links, the open pixel, signed List-Unsubscribe
+            content_hook = self.outbox.tracker.content_hook(hub)
         self.dispatcher = Dispatcher(
             hub,
             factories,
