@@ -337,3 +337,32 @@ def test_a_render_failure_is_reported(run: Invoke, tmp_path: Path) -> None:
     run(template_app, "save", "-w", "shop", "strict", _file(tmp_path, "s.json", strict))
     failed = run(template_app, "preview", "-w", "shop", "strict", "--user", "ann", ok=False)
     assert isinstance(failed.exception, RenderFailed) and "event" in str(failed.exception)
+
+
+def test_dispatch_sends_due_messages_to_the_development_sink(
+    run: Invoke, data: Path, tmp_path: Path
+) -> None:
+    from waymark.channels.sink import SinkStore
+
+    _shop(run, tmp_path)
+    sent = _json(
+        run(
+            template_app,
+            "test-send",
+            "-w",
+            "shop",
+            "hello",
+            "--user",
+            "ann",
+            "--to",
+            "qa@shop.example",
+            "--json",
+        )
+    )
+    done = _json(run(message_app, "dispatch", "--json"))
+    assert (done["claimed"], done["sent"]) == (1, 1)
+    [entry] = SinkStore(data / "sink").list()
+    assert "qa@shop.example" in str(entry.to)
+    shown = _json(run(message_app, "show", "-w", "shop", sent[0]["message_id"]))
+    assert shown["status"] == "sent" and shown["provider"] == "sink-smtp"
+    assert "nothing due" in run(message_app, "dispatch").stdout

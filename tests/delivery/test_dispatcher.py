@@ -11,6 +11,7 @@ from email import policy
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import select
 
@@ -27,6 +28,7 @@ from waymark.delivery.templates import Channel
 from waymark.delivery.tracking import read_unsubscribe
 from waymark.storage.tables import (
     dead_letters,
+    event_inbox,
     inbox_messages,
     message_events,
     messages,
@@ -137,6 +139,14 @@ def test_queued_messages_are_sent_and_their_history_kept(shop: Shop) -> None:
         assert _history(shop, message_id) == ["queued", "sent"]
     with shop.hub.engine.connect() as conn:
         assert pending(conn, now=shop.hub.clock.now()) == 0
+        sent_events = conn.execute(
+            select(event_inbox.c.name, event_inbox.c.properties).where(
+                event_inbox.c.name == "message.sent"
+            )
+        ).all()
+    # each send is an event on the profile, for audiences and journeys
+    assert sorted(orjson.loads(e.properties)["message_id"] for e in sent_events) == sorted(ids)
+    assert orjson.loads(sent_events[0].properties)["template"] == "hello"
 
 
 @pytest.fixture

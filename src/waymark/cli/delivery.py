@@ -506,3 +506,23 @@ def message_replay(
                 conn, ws, None if all_ else message_ids, actor=actor(), now=hub.clock.now()
             )
     emit({"replayed": count}, as_json, lambda: console.print(f"replayed {count} messages"))
+
+
+@message_app.command("dispatch")
+def message_dispatch(as_json: JsonOpt = False) -> None:
+    """Send every due message now, with the configured providers (what `serve` does in the
+    background), then stop. Email to the development sink is kept in the data folder."""
+    from waymark.delivery.runtime import DeliveryRuntime
+
+    with opened_hub() as hub:
+        runtime = DeliveryRuntime(hub)
+        try:
+            stats = runtime.dispatcher.run_until_idle(rounds=100_000)
+        finally:
+            runtime.close()
+    data = stats.to_json()
+    emit(
+        data,
+        as_json,
+        lambda: console.print(", ".join(f"{k} {v}" for k, v in data.items() if v) or "nothing due"),
+    )

@@ -44,6 +44,7 @@ from typing import Any, Final
 from sqlalchemy import Connection, delete, func, insert, select, update
 
 from waymark.channels.base import DeliveryResult, Outcome, OutgoingMessage, Provider
+from waymark.delivery.feedback import record_sent
 from waymark.delivery.flow import CircuitBreaker, TokenBucket, backoff
 from waymark.delivery.outbox import Outbox, read_content
 from waymark.delivery.rules import Exclude, Hold
@@ -172,10 +173,12 @@ class Dispatcher:
         if claimed:
             for result in self._pool.map(self._deliver, claimed):
                 stats.add(result)
+        if stats.sent:
+            self.hub.inbox_signal.set()  # their message.sent events go to the log now
         return stats
 
     def run_until_idle(self, *, rounds: int = 1000) -> DispatchStats:
-        """Rounds until one claims nothing (tests, the demo, ``waymark messages dispatch``)."""
+        """Rounds until one claims nothing (tests, the demo, ``waymark message dispatch``)."""
         total = DispatchStats()
         for _ in range(rounds):
             stats = self.run_once()
@@ -246,6 +249,7 @@ class Dispatcher:
                         stats.held += 1
                     elif row["channel"] == Channel.INBOX.value:
                         self._to_inbox(conn, row, now)
+                        record_sent(conn, row, provider="inbox", now=now)
                         events.append(_event(row, "sent", now, {"provider": "inbox"}))
                         stats.sent += 1
                     else:
@@ -416,6 +420,7 @@ class Dispatcher:
                     lease_until=None,
                 ):
                     return  # deleted, or taken over once our lease ran out
+                record_sent(conn, row, provider=provider, now=now)
                 event = _event(
                     row, "sent", now, {"provider": provider, "provider_id": result.provider_id}
                 )

@@ -718,6 +718,34 @@ def _apply(
     )
 
 
+def record_sent(conn: Connection, row: Mapping[str, Any], *, provider: str, now: datetime) -> None:
+    """The profile event ``message.sent`` for a message a provider accepted (or the inbox
+    took), once per message; ``row`` is the message's row. The caller sets the mover's signal
+    after committing."""
+    event_id = f"waymark:sent:{row['id']}"
+    if not claim_message_ids(conn, row["workspace_id"], [event_id], now):
+        return
+    properties = {
+        "message_id": row["id"],
+        "channel": row["channel"],
+        "purpose": row["purpose"],
+        "template": _template_name(conn, row["template_id"]),
+        "source": row["source_kind"],
+        "source_id": row["source_id"] or None,
+        "provider": provider,
+    }
+    _store_event(
+        conn,
+        row["workspace_id"],
+        row["profile_id"],
+        event_id,
+        "message.sent",
+        {k: v for k, v in properties.items() if v is not None},
+        at=now,
+        now=now,
+    )
+
+
 def _template_name(conn: Connection, template_id: str | None) -> str | None:
     if template_id is None:
         return None
