@@ -170,7 +170,7 @@ def test_email_goes_through_a_real_smtp_server(shop: Shop, smtp_sink: Any) -> No
     parsed = email.message_from_bytes(entry.raw, policy=policy.default)
     assert parsed["Subject"] == "Hello Ann" and parsed["To"] == "ann@example.com"
     assert parsed["Message-ID"].startswith(f"<{message_id}@")
-    link = parsed["List-Unsubscribe"].strip("<>")
+    link = parsed["List-Unsubscribe"].strip().strip("<>")  # a long value is folded
     assert link.startswith(f"https://hub.test/t/{shop.ws}/u/")
     assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     with shop.hub.engine.connect() as conn:

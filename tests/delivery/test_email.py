@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import socket
 import ssl
@@ -21,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from waymark.channels.base import Outcome, OutgoingMessage
 from waymark.channels.email import EmailSettings, SmtpProvider, build_mime
-from waymark.delivery.templates import compile_template, parse_template
+from waymark.delivery.templates import Channel, Rendered, compile_template, parse_template
 from waymark.model.schemas import parse_schema
 
 NOW = dt.datetime(2026, 12, 2, 9, 30, tzinfo=dt.UTC)
@@ -270,3 +271,29 @@ def test_starttls_and_auth(tmp_path: Path) -> None:
     assert (unverified.outcome, unverified.transient) == (Outcome.FAILED, True)
     assert "TLS certificate not trusted" in unverified.detail
     assert [env.rcpt_tos for env, _ in handler.received] == [["a@x.test"]]
+
+
+def test_headers_are_encoded_and_line_breaks_refused() -> None:
+    message = _message("anna@bücher.example")
+    content = Rendered(
+        Channel.EMAIL,
+        {
+            "subject": "Grüße aus Köln 🎉 " + "long words " * 12,
+            "text": "Hallo",
+            "from_name": "Jürgen",
+        },
+    )
+    mail = build_mime(dataclasses.replace(message, content=content), SETTINGS)
+    back = message_from_bytes(mail.as_bytes(), policy=policy.default)
+    assert back["Subject"] == content.fields["subject"]
+    assert back["From"].addresses[0].display_name == "Jürgen"
+    assert back["To"] == "anna@xn--bcher-kva.example"
+    assert back.get_content().strip() == "Hallo"
+    for bad in (
+        {"subject": "hi\r\nBcc: x@evil.test", "text": "t"},
+        {"subject": "s", "text": "t", "from_name": "a\nb"},
+    ):
+        with pytest.raises(ValueError, match="line break"):
+            build_mime(dataclasses.replace(message, content=Rendered(Channel.EMAIL, bad)), SETTINGS)
+    with pytest.raises(ValueError, match="SMTPUTF8"):
+        build_mime(_message("jürgen@x.test"), SETTINGS)

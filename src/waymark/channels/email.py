@@ -26,12 +26,14 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass
-from email import policy as email_policy
-from email.headerregistry import Address, HeaderRegistry
-from email.message import EmailMessage
-from email.utils import format_datetime, formataddr
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import format_datetime, formataddr, parseaddr
 from html import escape
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 from waymark.channels.base import DeliveryResult, OutgoingMessage
 from waymark.delivery.templates import Channel
@@ -57,25 +59,32 @@ class EmailSettings:
         return self.message_id_domain or self.from_address.rpartition("@")[2] or "localhost"
 
 
-class _HeaderClasses(HeaderRegistry):
-    """The standard header registry, keeping the class it makes for each header name: the
-    standard one makes a new class every time a header is set, which was most of the cost of
-    writing a message."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._made: dict[str, type[Any]] = {}
-
-    def __getitem__(self, name: str) -> type[Any]:
-        key = name.lower()
-        made = self._made.get(key)
-        if made is None:
-            made = self._made[key] = super().__getitem__(name)
-        return made
+#: UTF-8 parts and headers, quoted-printable bodies (readable, and safe for 7-bit relays)
+_UTF8: Final = Charset("utf-8")
+_UTF8.body_encoding = QP
+_UTF8.header_encoding = QP
 
 
-#: RFC 5322 with CRLF line ends (what SMTP sends), its header classes made once per name
-_POLICY = email_policy.SMTP.clone(header_factory=_HeaderClasses())
+def _header(name: str, value: str) -> str | Header:
+    """A header value as written: refused with a line break in it (header injection), encoded
+    (RFC 2047) when it is not ASCII."""
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"the {name} holds a line break")
+    return value if value.isascii() else Header(value, _UTF8, header_name=name)
+
+
+def _address(name: str, address: str) -> str:
+    """An address for a header and the envelope: the domain in IDNA when it is not ASCII; a
+    local part that is not ASCII is refused (it needs SMTPUTF8)."""
+    address = address.strip()
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or "\r" in address or "\n" in address:
+        raise ValueError(f"the {name} address {address!r} cannot be written")
+    if not local.isascii():
+        raise ValueError(f"the {name} address {address!r} needs SMTPUTF8, which is not used")
+    if not domain.isascii():
+        domain = domain.encode("idna").decode("ascii")
+    return f"{local}@{domain}"
 
 
 def with_preheader(html: str, preheader: str) -> str:
@@ -110,46 +119,59 @@ def unsubscribe_headers(message: OutgoingMessage) -> dict[str, str]:
     return headers
 
 
-def build_mime(message: OutgoingMessage, settings: EmailSettings) -> EmailMessage:
-    """The RFC 5322 message for ``message`` (an email); ``ValueError`` for another channel or
-    an address that cannot be written in a header."""
+def _part(text: str, subtype: str) -> MIMEText:
+    """A UTF-8, quoted-printable text part (the stubs type the charset as a name; the
+    standard library takes a :class:`Charset` too, which is how quoted-printable is chosen
+    without changing the process-wide default for UTF-8)."""
+    return MIMEText(text, subtype, _UTF8)  # type: ignore[arg-type]
+
+
+def build_mime(message: OutgoingMessage, settings: EmailSettings) -> Message:
+    """The RFC 5322 message for ``message`` (an email); ``ValueError`` for another channel, an
+    address that cannot be written, or a header value with a line break. Built with the
+    standard library's ``email.mime`` classes (the ``EmailMessage`` API parses every header
+    as it is set, several times the cost of the whole message)."""
     if message.channel is not Channel.EMAIL:
         raise ValueError(f"not an email: {message.channel.value}")
     fields = message.content.fields
-    mime = EmailMessage(policy=_POLICY)
-    sender = fields.get("from_address") or settings.from_address
-    name = fields.get("from_name") or settings.from_name
-    mime["From"] = formataddr((name, sender)) if name else sender
-    mime["To"] = message.to
-    mime["Subject"] = fields.get("subject", "")
-    reply_to = fields.get("reply_to") or settings.reply_to
-    if reply_to:
-        mime["Reply-To"] = reply_to
-    mime["Date"] = format_datetime(message.created_at)
-    mime["Message-ID"] = f"<{message.id}@{settings.domain}>"
-    for key, value in unsubscribe_headers(message).items():
-        mime[key] = value
-    for key, value in message.headers.items():
-        mime[key] = value
-    mime.set_content(fields.get("text", ""), subtype="plain", cte="quoted-printable")
+    text = fields.get("text", "")
     html = fields.get("html")
+    plain = _part(text, "plain")
     if html:
         preheader = fields.get("preheader")
         if preheader:
             html = with_preheader(html, preheader)
-        mime.add_alternative(html, subtype="html", cte="quoted-printable")
         # a boundary of the message's own (the generator otherwise draws one and compiles a
         # pattern to check it against the parts, for every message)
-        boundary = f"=_wm_{message.id.replace('-', '')}"
-        if boundary not in html and boundary not in fields.get("text", ""):
-            mime.set_boundary(boundary)
+        own = f"=_wm_{message.id.replace('-', '')}"
+        boundary = None if own in html or own in text else own
+        mime: Message = MIMEMultipart("alternative", boundary=boundary)
+        mime.attach(plain)
+        mime.attach(_part(html, "html"))
+    else:
+        mime = plain
+    sender = _address("sender", fields.get("from_address") or settings.from_address)
+    name = fields.get("from_name") or settings.from_name
+    if name:
+        _header("From", name)
+        mime["From"] = formataddr((name, sender), charset="utf-8")
+    else:
+        mime["From"] = sender
+    mime["To"] = _address("recipient", message.to)
+    mime["Subject"] = _header("Subject", fields.get("subject", ""))  # type: ignore[assignment]
+    reply_to = fields.get("reply_to") or settings.reply_to
+    if reply_to:
+        mime["Reply-To"] = _address("Reply-To", reply_to)
+    mime["Date"] = format_datetime(message.created_at)
+    mime["Message-ID"] = f"<{message.id}@{settings.domain}>"
+    for key, value in (*unsubscribe_headers(message).items(), *message.headers.items()):
+        mime[key] = _header(key, value)  # type: ignore[assignment]
     return mime
 
 
-def _envelope_sender(mime: EmailMessage) -> str:
-    parsed = mime["From"]
-    addresses: tuple[Address, ...] = getattr(parsed, "addresses", ())
-    return addresses[0].addr_spec if addresses else str(parsed)
+def _envelope_sender(mime: Message) -> str:
+    """The address of the ``From`` header (for MAIL FROM)."""
+    return parseaddr(str(mime["From"]))[1]
 
 
 class SmtpProvider:
