@@ -5,12 +5,13 @@
 
 Queues ``--messages`` personalized emails through the outbox (the simple template of
 ``delivery_enqueue.py``), then times the dispatcher delivering all of them: claiming batches
-(deciding each again under the rules), building the MIME message, sending it over SMTP (one
-reused connection per worker thread) to an aiosmtpd server, and recording each result in its
-own transaction before the next send (so a crash can duplicate at most one message per
+(deciding each again under the rules), tracking its links (signed click redirects, the open
+pixel and the signed List-Unsubscribe, as ``serve`` sends; ``--no-tracking`` turns clicks and
+opens off), building the MIME message, sending it over SMTP (one reused connection per worker
+thread) to an aiosmtpd server, and recording each result before the worker's next send
+(results finishing together share a commit; a crash can duplicate at most one message per
 worker). The server, in its own process, counts messages and distinct Message-IDs. Prints
-messages per second, the
-count the server received, and the machine.
+messages per second, the count the server received, and the machine.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from waymark.channels.email import EmailSettings, SmtpProvider
 from waymark.core.clock import ManualClock
@@ -36,7 +37,7 @@ from waymark.delivery.dispatcher import Dispatcher, DispatchSettings
 from waymark.delivery.outbox import Outbox, SendIntent, Source
 from waymark.delivery.templates import Channel
 from waymark.hub import Hub
-from waymark.storage.tables import messages
+from waymark.storage.tables import messages, workspaces
 
 from _machine import machine
 from delivery_enqueue import NOW, _settings, setup
@@ -79,6 +80,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--database-url", default=None, help="PostgreSQL (default: SQLite)")
+    parser.add_argument(
+        "--no-tracking",
+        action="store_true",
+        help="the workspace tracks no clicks and opens (the signed List-Unsubscribe stays)",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="wm-smtp-"))
     with socket.socket() as probe:  # aiosmtpd 1.4 cannot report a port 0 asked it
@@ -92,6 +98,13 @@ def main() -> None:
         clock = ManualClock(NOW)
         hub = Hub.open(_settings(folder, args.database_url), clock, migrate_now=False)
         outbox = Outbox(public_url="https://hub.example.com")
+        if args.no_tracking:
+            with hub.tx() as conn:
+                conn.execute(
+                    update(workspaces)
+                    .where(workspaces.c.id == ws)
+                    .values(settings={"tracking": {"clicks": False, "opens": False}})
+                )
         for start in range(0, len(ids), 1000):
             with hub.tx() as conn:
                 outbox.enqueue(
@@ -120,6 +133,7 @@ def main() -> None:
             },
             outbox=outbox,
             settings=DispatchSettings(workers=args.workers, batch=args.batch),
+            content_hook=outbox.tracker.content_hook(hub),  # tracked links, as serve sends
         )
         started = time.perf_counter()
         stats = dispatcher.run_until_idle(rounds=100_000)
@@ -139,6 +153,7 @@ def main() -> None:
                     "distinct_message_ids": distinct,
                     "smtp_connections": connections,
                     "workers": args.workers,
+                    "tracking": not args.no_tracking,
                     "store": "postgresql" if args.database_url else "sqlite",
                     "seconds": round(elapsed, 2),
                     "messages_per_s": round(stats.sent / elapsed),

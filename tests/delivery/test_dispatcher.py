@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from email import policy
@@ -409,3 +410,34 @@ def test_a_message_without_a_provider_waits_and_is_kept(shop: Shop) -> None:
     row = _status(shop, message_id)
     assert row.status == "queued" and "no provider" in row.detail
     dispatcher.close()
+
+
+def test_results_finishing_together_share_one_commit() -> None:
+    from waymark.delivery.dispatcher import GroupCommit
+
+    batches: list[list[int]] = []
+
+    def commit(items: list[int]) -> None:
+        time.sleep(0.05)  # a slow commit: the others pile up meanwhile
+        if 13 in items:
+            raise ValueError("disk full")
+        batches.append(items)
+
+    group = GroupCommit(commit)
+    failed: list[int] = []
+
+    def submit(n: int) -> None:
+        try:
+            group.submit(n)
+        except ValueError:
+            failed.append(n)
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(n for b in batches for n in b) == list(range(12))  # each once
+    assert len(batches) < 12  # shared
+    submit(13)
+    assert failed == [13]  # the batch's error reaches its submitters

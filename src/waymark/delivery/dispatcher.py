@@ -14,7 +14,8 @@ One round (:meth:`Dispatcher.run_once`):
    instances, so an SMTP connection belongs to one thread): per provider a token bucket limits
    the rate and a circuit breaker stops sending after repeated transient failures (the message
    goes back to the queue, not counted as an attempt).
-3. **record**, each result in its own transaction right after its send: ``sent`` with the
+3. **record** each result right after its send, before the worker's next send (the results
+   of workers finishing at the same time share one commit): ``sent`` with the
    provider's id; a transient failure is retried after exponential backoff with jitter (or the
    provider's ``Retry-After``, whichever is later) until ``max_attempts``, then the message is
    ``dead`` and gets a row in ``dead_letters`` (inspect and replay: :mod:`waymark.delivery.
@@ -26,7 +27,7 @@ A crash at any point loses nothing: a claimed message whose result was not recor
 again when its lease ends, and sent again. Providers that honour idempotency keys (HTTP APIs
 given the message id) deduplicate that; SMTP cannot, so a crash between the server's
 acceptance and the record can deliver one message twice (with the same ``Message-ID``): since
-each worker records every result before its next send, that window is one message per worker.
+each worker's result is committed before its next send, that window is one message per worker.
 """
 
 from __future__ import annotations
@@ -59,7 +60,14 @@ from waymark.storage.tables import (
     push_subscriptions,
 )
 
-__all__ = ["DispatchSettings", "DispatchStats", "Dispatcher", "ProviderFactory", "pending"]
+__all__ = [
+    "DispatchSettings",
+    "DispatchStats",
+    "Dispatcher",
+    "GroupCommit",
+    "ProviderFactory",
+    "pending",
+]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +154,7 @@ class Dispatcher:
             for c, rate in self.settings.rates.items()
         }
         self._guard = threading.Lock()  # breakers and buckets are shared by the workers
+        self._records = GroupCommit(self._record_batch)
         self._local = threading.local()
         self._made: list[Provider] = []
         self._pool = ThreadPoolExecutor(
@@ -402,117 +411,136 @@ class Dispatcher:
     def _record(
         self, row: Mapping[str, Any], result: DeliveryResult, provider: str, stats: DispatchStats
     ) -> None:
-        now = self.hub.clock.now()
-        detail = result.detail[:2000]
+        """Record one result; returns once it is committed (with those of the other workers
+        that finished meanwhile: one commit for all of them), so each worker's next send
+        waits for its last result to be durable."""
+        self._records.submit((row, result, provider, stats))
+
+    def _record_batch(
+        self, batch: list[tuple[Mapping[str, Any], DeliveryResult, str, DispatchStats]]
+    ) -> None:
         with self.hub.tx() as conn:
             self.fault("recording")
-            if result.outcome is Outcome.SENT:
-                if not self._settle(
-                    conn,
-                    row,
-                    now,
-                    status="sent",
+            for row, result, provider, stats in batch:
+                self._record_one(conn, row, result, provider, stats)
+
+    def _record_one(
+        self,
+        conn: Connection,
+        row: Mapping[str, Any],
+        result: DeliveryResult,
+        provider: str,
+        stats: DispatchStats,
+    ) -> None:
+        now = self.hub.clock.now()
+        detail = result.detail[:2000]
+        if result.outcome is Outcome.SENT:
+            if not self._settle(
+                conn,
+                row,
+                now,
+                status="sent",
+                provider=provider,
+                provider_id=result.provider_id,
+                sent_at=now,
+                detail=detail,
+                next_attempt_at=None,
+                lease_until=None,
+            ):
+                return  # deleted, or taken over once our lease ran out
+            record_sent(conn, row, provider=provider, now=now)
+            event = _event(
+                row, "sent", now, {"provider": provider, "provider_id": result.provider_id}
+            )
+            stats.sent += 1
+        elif result.transient and row["attempts"] < self.settings.max_attempts:
+            delay = backoff(
+                row["attempts"],
+                base=self.settings.backoff_base,
+                cap=self.settings.backoff_cap,
+                draw=self.draw(),
+            )
+            if result.retry_after is not None:
+                delay = max(delay, result.retry_after)
+            retry_at = now + timedelta(seconds=delay)
+            if not self._settle(
+                conn,
+                row,
+                now,
+                status="queued",
+                provider=provider,
+                detail=detail,
+                next_attempt_at=retry_at,
+                lease_until=None,
+            ):
+                return  # deleted, or taken over once our lease ran out
+            event = _event(
+                row,
+                "retrying",
+                now,
+                {
+                    "provider": provider,
+                    "detail": detail,
+                    "attempt": row["attempts"],
+                    "retry_at": retry_at.isoformat(),
+                },
+            )
+            stats.retried += 1
+        elif result.transient:
+            if not self._settle(
+                conn,
+                row,
+                now,
+                status="dead",
+                provider=provider,
+                detail=detail,
+                reason="retries_exhausted",
+                next_attempt_at=None,
+                lease_until=None,
+                counted_at=None,
+            ):
+                return  # deleted, or taken over once our lease ran out
+            conn.execute(delete(dead_letters).where(dead_letters.c.message_id == row["id"]))
+            conn.execute(
+                insert(dead_letters).values(
+                    message_id=row["id"],
+                    workspace_id=row["workspace_id"],
+                    profile_id=row["profile_id"],
                     provider=provider,
-                    provider_id=result.provider_id,
-                    sent_at=now,
-                    detail=detail,
-                    next_attempt_at=None,
-                    lease_until=None,
-                ):
-                    return  # deleted, or taken over once our lease ran out
-                record_sent(conn, row, provider=provider, now=now)
-                event = _event(
-                    row, "sent", now, {"provider": provider, "provider_id": result.provider_id}
+                    attempts=row["attempts"],
+                    last_error=detail,
+                    failed_at=now,
                 )
-                stats.sent += 1
-            elif result.transient and row["attempts"] < self.settings.max_attempts:
-                delay = backoff(
-                    row["attempts"],
-                    base=self.settings.backoff_base,
-                    cap=self.settings.backoff_cap,
-                    draw=self.draw(),
-                )
-                if result.retry_after is not None:
-                    delay = max(delay, result.retry_after)
-                retry_at = now + timedelta(seconds=delay)
-                if not self._settle(
-                    conn,
-                    row,
-                    now,
-                    status="queued",
-                    provider=provider,
-                    detail=detail,
-                    next_attempt_at=retry_at,
-                    lease_until=None,
-                ):
-                    return  # deleted, or taken over once our lease ran out
-                event = _event(
-                    row,
-                    "retrying",
-                    now,
-                    {
-                        "provider": provider,
-                        "detail": detail,
-                        "attempt": row["attempts"],
-                        "retry_at": retry_at.isoformat(),
-                    },
-                )
-                stats.retried += 1
-            elif result.transient:
-                if not self._settle(
-                    conn,
-                    row,
-                    now,
-                    status="dead",
-                    provider=provider,
-                    detail=detail,
-                    reason="retries_exhausted",
-                    next_attempt_at=None,
-                    lease_until=None,
-                    counted_at=None,
-                ):
-                    return  # deleted, or taken over once our lease ran out
-                conn.execute(delete(dead_letters).where(dead_letters.c.message_id == row["id"]))
-                conn.execute(
-                    insert(dead_letters).values(
-                        message_id=row["id"],
-                        workspace_id=row["workspace_id"],
-                        profile_id=row["profile_id"],
-                        provider=provider,
-                        attempts=row["attempts"],
-                        last_error=detail,
-                        failed_at=now,
-                    )
-                )
-                event = _event(
-                    row,
-                    "dead",
-                    now,
-                    {"provider": provider, "detail": detail, "attempts": row["attempts"]},
-                )
-                stats.dead += 1
-            else:
-                reason = "address_gone" if result.address_gone else "provider_rejected"
-                if not self._settle(
-                    conn,
-                    row,
-                    now,
-                    status="failed",
-                    provider=provider,
-                    detail=detail,
-                    reason=reason,
-                    next_attempt_at=None,
-                    lease_until=None,
-                    counted_at=None,
-                ):
-                    return  # deleted, or taken over once our lease ran out
-                event = _event(
-                    row, "failed", now, {"provider": provider, "detail": detail, "reason": reason}
-                )
-                if result.address_gone:
-                    self._prune(conn, row, detail, now)
-                stats.failed += 1
-            conn.execute(insert(message_events).values(event))
+            )
+            event = _event(
+                row,
+                "dead",
+                now,
+                {"provider": provider, "detail": detail, "attempts": row["attempts"]},
+            )
+            stats.dead += 1
+        else:
+            reason = "address_gone" if result.address_gone else "provider_rejected"
+            if not self._settle(
+                conn,
+                row,
+                now,
+                status="failed",
+                provider=provider,
+                detail=detail,
+                reason=reason,
+                next_attempt_at=None,
+                lease_until=None,
+                counted_at=None,
+            ):
+                return  # deleted, or taken over once our lease ran out
+            event = _event(
+                row, "failed", now, {"provider": provider, "detail": detail, "reason": reason}
+            )
+            if result.address_gone:
+                self._prune(conn, row, detail, now)
+            stats.failed += 1
+        conn.execute(insert(message_events).values(event))
 
     @staticmethod
     def _prune(conn: Connection, row: Mapping[str, Any], detail: str, now: datetime) -> None:
@@ -540,6 +568,43 @@ class Dispatcher:
                 now=now,
                 profile_id=row["profile_id"],
             )
+
+
+class GroupCommit:
+    """Runs ``commit`` on every item submitted while an earlier run was busy, in one call:
+    the first waiting thread leads (runs the batch), the others wait for it. :meth:`submit`
+    returns once its item's batch has run, or raises what the batch raised."""
+
+    def __init__(self, commit: Callable[[list[Any]], None]) -> None:
+        self._commit = commit
+        self._cond = threading.Condition()
+        self._pending: list[list[Any]] = []  # [item, done, error] per submitted item
+        self._leading = False
+
+    def submit(self, item: Any) -> None:
+        slot: list[Any] = [item, False, None]
+        with self._cond:
+            self._pending.append(slot)
+            while not slot[1]:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                self._leading = True
+                batch, self._pending = self._pending, []
+                self._cond.release()
+                error: BaseException | None = None
+                try:
+                    self._commit([s[0] for s in batch])
+                except BaseException as exc:  # every item of the batch shares the outcome
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._leading = False
+                    for s in batch:
+                        s[1], s[2] = True, error
+                    self._cond.notify_all()
+        if slot[2] is not None:
+            raise slot[2]
 
 
 def _event(

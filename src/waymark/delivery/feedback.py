@@ -49,6 +49,8 @@ import hashlib
 import logging
 import re
 import secrets
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -348,19 +350,32 @@ class Tracker:
                 log.exception("tracking message %s failed; it goes untracked", message.id)
         return replace(message, content=content, unsubscribe_url=unsubscribe)
 
-    def content_hook(self, hub: Hub) -> ContentHook:
-        """The dispatcher's ``content_hook``: :meth:`track` for each email, reading the keys
-        in a read-only connection (a write transaction only if the workspace has none yet).
-        Database errors propagate: the message stays claimed and is tried again."""
+    def content_hook(self, hub: Hub, *, fresh_for: float = 5.0) -> ContentHook:
+        """The dispatcher's ``content_hook``: :meth:`track` for each email, with the
+        workspace's keys and tracking options read in a read-only connection at most every
+        ``fresh_for`` seconds per workspace (a key rotation or a change of the options applies
+        to messages sent after that; a write transaction only if the workspace has no keys
+        yet). Database errors propagate: the message stays claimed and is tried again."""
+        read: dict[str, tuple[float, dict[str, Any]]] = {}
+        guard = threading.Lock()
 
         def hook(row: Mapping[str, Any], message: OutgoingMessage) -> OutgoingMessage:
             if message.channel is not Channel.EMAIL:
                 return message
             workspace_id = str(row["workspace_id"])
-            with hub.engine.connect() as conn:
-                settings = _settings(conn, workspace_id)
+            with guard:
+                known = read.get(workspace_id)
+            if known is None or time.monotonic() - known[0] > fresh_for:
+                with hub.engine.connect() as conn:
+                    settings = _settings(conn, workspace_id)
+                with guard:
+                    read[workspace_id] = (time.monotonic(), settings)
+            else:
+                settings = known[1]
             stored = settings.get(KEYS_SETTING)
             if not stored:
+                with guard:
+                    read.pop(workspace_id, None)  # made now: read them again next time
                 with hub.tx() as conn:
                     return self.track(conn, row, message)
             keys = _keys_of(workspace_id, stored)
