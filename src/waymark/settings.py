@@ -85,8 +85,9 @@ class Settings(BaseModel):
         description="per channel (email, sms, push, webhook), the provider that sends it and its "
         'options, e.g. {"email": {"kind": "smtp", "host": "smtp.example.com", "port": 587, '
         '"security": "starttls", "username": "...", "password": "...", "from_address": '
-        '"shop@example.com"}}; a channel without one goes to the development sink in the data '
-        'folder (kind "sink")',
+        '"shop@example.com"}}; while public_url is local (development), a channel without one '
+        'goes to the development sink in the data folder (kind "sink"); otherwise its messages '
+        "wait, then go to the dead letters, until one is configured",
     )
     dispatch_workers: int = Field(
         default=4, ge=1, le=64, description="threads of `serve` handing messages to providers"
@@ -140,6 +141,14 @@ class Settings(BaseModel):
                     )
                 ]
             )
+
+    @property
+    def local_only(self) -> bool:
+        """Whether recipients reach this hub only on this machine (``public_url`` on a loopback
+        host): a development setup, where channels without a provider go to the development
+        sink and its pages are served."""
+        host = self.public_url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        return host.strip("[]") in ("127.0.0.1", "localhost", "::1")
 
     @property
     def max_future(self) -> timedelta:

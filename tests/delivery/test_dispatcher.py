@@ -441,3 +441,75 @@ def test_results_finishing_together_share_one_commit() -> None:
     assert len(batches) < 12  # shared
     submit(13)
     assert failed == [13]  # the batch's error reaches its submitters
+
+
+def test_a_permanent_answer_to_the_trial_closes_the_circuit(shop: Shop) -> None:
+    _setup(shop)
+    _enqueue(shop, "t1", "t2", "t3")
+    provider = RecordingProvider(Channel.EMAIL)
+    provider.fail_next(
+        DeliveryResult.failed("timeout", transient=True),
+        DeliveryResult.failed("550 no such user", transient=False),
+    )
+    clock = FakeTime()
+    settings = DispatchSettings(workers=1, batch=1, breaker_threshold=1, breaker_cooldown=60)
+    dispatcher = _dispatcher(
+        shop, provider, settings=settings, monotonic=clock.monotonic, sleep=clock.sleep
+    )
+    assert dispatcher.run_once().retried == 1  # opens the circuit
+    assert dispatcher.run_once().deferred == 1
+    clock.now += 61
+    assert dispatcher.run_once().failed == 1  # the trial: refused, but the provider answered
+    shop.hub.clock.advance(timedelta(minutes=30))  # type: ignore[attr-defined]
+    assert dispatcher.run_until_idle().sent == 2  # not deferred for ever
+    dispatcher.close()
+
+
+def test_a_message_that_cannot_be_prepared_is_retried_and_the_others_go(shop: Shop) -> None:
+    _setup(shop)
+    ids = _enqueue(shop, "h1", "h2")
+
+    def hook(row: Any, message: Any) -> Any:
+        if row["id"] == ids[0]:
+            raise RuntimeError("the store is unreachable")
+        return message
+
+    provider = RecordingProvider(Channel.EMAIL)
+    dispatcher = _dispatcher(shop, provider, content_hook=hook)
+    stats = dispatcher.run_once()
+    dispatcher.close()
+    assert (stats.sent, stats.retried) == (1, 1)
+    row = _status(shop, ids[0])
+    assert row.status == "queued" and "cannot prepare" in row.detail
+
+
+def test_a_message_whose_lease_ran_out_on_every_attempt_goes_dead(shop: Shop) -> None:
+    _setup(shop)
+    [message_id] = _enqueue(shop, "l1")
+    settings = DispatchSettings(workers=1, max_attempts=2)
+
+    def fault(step: str) -> None:
+        raise Crash(step)
+
+    for _ in range(2):  # claimed, then the dispatcher dies, twice
+        crashing = _dispatcher(
+            shop, RecordingProvider(Channel.EMAIL), settings=settings, fault=fault
+        )
+        with pytest.raises(Crash):
+            crashing.run_once()
+        crashing.close()
+        shop.hub.clock.advance(settings.lease + timedelta(seconds=1))  # type: ignore[attr-defined]
+    stats = _dispatcher(shop, RecordingProvider(Channel.EMAIL), settings=settings).run_once()
+    assert stats.dead == 1
+    row = _status(shop, message_id)
+    assert (row.status, row.reason, row.counted_at) == ("dead", "retries_exhausted", None)
+    with shop.hub.engine.connect() as conn:
+        assert conn.execute(select(dead_letters.c.attempts)).scalar_one() == 2
+
+
+def test_caps_count_a_message_from_when_it_is_sent(shop: Shop) -> None:
+    _setup(shop)
+    [message_id] = _enqueue(shop, "late")
+    shop.hub.clock.advance(timedelta(hours=5))  # type: ignore[attr-defined]
+    _dispatcher(shop, RecordingProvider(Channel.EMAIL)).run_until_idle()
+    assert _status(shop, message_id).counted_at == shop.hub.clock.now()

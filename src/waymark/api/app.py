@@ -458,8 +458,9 @@ def create_app(hub: Hub, *, background: bool = True) -> FastAPI:
     add_audience_routes(app, hub, principal)
     add_delivery_routes(app, hub, principal, outbox)
     add_tracking_routes(app, hub, outbox.tracker)
-    if any(uses_sink(settings.providers, channel) for channel in KINDS):
-        # the development sink's pages: what was "sent" (no authentication: a local demo)
+    if settings.local_only and any(uses_sink(settings.providers, c) for c in KINDS):
+        # the development sink's pages: what was "sent" (no authentication: only while the hub
+        # is reached on this machine alone)
         app.include_router(sink_router(SinkStore(settings.data_dir / "sink")))
 
     # -- access --------------------------------------------------------------------------------

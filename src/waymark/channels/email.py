@@ -241,6 +241,7 @@ class SmtpProvider:
     def send(self, message: OutgoingMessage) -> DeliveryResult:
         try:
             mime = build_mime(message, self.settings)
+            recipient = _address("recipient", message.to)  # as the To header has it (IDNA)
         except ValueError as exc:
             return DeliveryResult.failed(f"cannot write the message: {exc}", transient=False)
         with self._lock:
@@ -249,7 +250,7 @@ class SmtpProvider:
                     if self._conn is None:
                         self._conn = self._connect()
                     refused = self._conn.send_message(
-                        mime, from_addr=_envelope_sender(mime), to_addrs=[message.to]
+                        mime, from_addr=_envelope_sender(mime), to_addrs=[recipient]
                     )
                 except smtplib.SMTPServerDisconnected as exc:
                     self._drop()
@@ -257,7 +258,7 @@ class SmtpProvider:
                         return DeliveryResult.failed(f"server disconnected: {exc}", transient=True)
                     continue  # a reused connection the server had closed: open a new one
                 except smtplib.SMTPRecipientsRefused as exc:
-                    code, reply = exc.recipients.get(message.to, (550, b"refused"))
+                    code, reply = exc.recipients.get(recipient, (550, b"refused"))
                     return self._refused(code, reply, "recipient refused")
                 except smtplib.SMTPSenderRefused as exc:
                     return self._refused(exc.smtp_code, exc.smtp_error, "sender refused")
@@ -276,7 +277,7 @@ class SmtpProvider:
                         f"{kind} to {self.host}:{self.port}: {exc}", transient=True
                     )
                 if refused:
-                    code, reply = refused[message.to]
+                    code, reply = refused[recipient]
                     return self._refused(code, reply, "recipient refused")
                 return DeliveryResult.sent(mime["Message-ID"])
         raise AssertionError("unreachable")

@@ -24,10 +24,11 @@ One round (:meth:`Dispatcher.run_once`):
    count toward the caps.
 
 A crash at any point loses nothing: a claimed message whose result was not recorded is claimed
-again when its lease ends, and sent again. Providers that honour idempotency keys (HTTP APIs
-given the message id) deduplicate that; SMTP cannot, so a crash between the server's
-acceptance and the record can deliver one message twice (with the same ``Message-ID``): since
-each worker's result is committed before its next send, that window is one message per worker.
+again when its lease ends, and sent again. Receivers that honour the message id as an
+idempotency key (webhooks, Twilio) deduplicate that; SMTP and SendGrid's API cannot, so a
+crash between the server's acceptance and the record can deliver one message twice (with the
+same ``Message-ID``): since each worker's result is committed before its next send, that
+window is one message per worker.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 from waymark.channels.base import DeliveryResult, Outcome, OutgoingMessage, Provider
 from waymark.delivery.feedback import record_sent
 from waymark.delivery.flow import CircuitBreaker, TokenBucket, backoff
-from waymark.delivery.outbox import Outbox, read_content
+from waymark.delivery.outbox import Outbox, cap_locks_of, read_content
 from waymark.delivery.rules import Exclude, Hold
 from waymark.delivery.store import suppress
 from waymark.delivery.templates import Channel
@@ -155,6 +156,8 @@ class Dispatcher:
         }
         self._guard = threading.Lock()  # breakers and buckets are shared by the workers
         self._records = GroupCommit(self._record_batch)
+        self._round = threading.Lock()  # held by a round; close() waits for it
+        self._stopped = False
         self._local = threading.local()
         self._made: list[Provider] = []
         self._pool = ThreadPoolExecutor(
@@ -162,7 +165,11 @@ class Dispatcher:
         )
 
     def close(self) -> None:
-        """Stop the workers and close every provider they opened."""
+        """Let the round in progress finish, stop the workers and close every provider they
+        opened; later rounds do nothing."""
+        self._stopped = True
+        with self._round:
+            pass
         self._pool.shutdown(wait=True)
         with self._guard:
             made, self._made = self._made, []
@@ -175,13 +182,16 @@ class Dispatcher:
     # -- one round --------------------------------------------------------------------------
 
     def run_once(self) -> DispatchStats:
-        """Claim, send and record one batch; what happened."""
+        """Claim, send and record one batch; what happened (nothing once closed)."""
         stats = DispatchStats()
-        claimed = self._claim(stats)
-        self.fault("claimed")
-        if claimed:
-            for result in self._pool.map(self._deliver, claimed):
-                stats.add(result)
+        with self._round:
+            if self._stopped:
+                return stats
+            claimed = self._claim(stats)
+            self.fault("claimed")
+            if claimed:
+                for result in self._pool.map(self._deliver, claimed):
+                    stats.add(result)
         if stats.sent:
             self.hub.inbox_signal.set()  # their message.sent events go to the log now
         return stats
@@ -219,14 +229,22 @@ class Dispatcher:
             for row in rows:
                 by_workspace.setdefault(row["workspace_id"], []).append(row)
             events: list[dict[str, Any]] = []
+            # every profile's cap lock in one sorted call (several calls, one per workspace,
+            # could take overlapping locks in different orders in two dispatchers)
+            cap_locks_of(conn, [(r["workspace_id"], r["profile_id"]) for r in rows])
             for workspace_id, mine in by_workspace.items():
-                decisions = self.outbox.redecide(conn, workspace_id, mine, now=now)
+                decisions = self.outbox.redecide(conn, workspace_id, mine, now=now, locked=True)
                 for row in mine:
                     decision = decisions[row["id"]]
                     if row["status"] == "sending":  # a dispatcher died with it in hand
                         events.append(
                             _event(row, "lease_expired", now, {"attempt": row["attempts"]})
                         )
+                        if row["attempts"] >= self.settings.max_attempts:
+                            self._bury(conn, row, now, "the lease ran out on every attempt")
+                            events.append(_event(row, "dead", now, {"attempts": row["attempts"]}))
+                            stats.dead += 1
+                            continue
                     if isinstance(decision, Exclude):
                         self._set(
                             conn,
@@ -271,13 +289,43 @@ class Dispatcher:
                             attempts=row["attempts"] + 1,
                             next_attempt_at=lease_end,
                             lease_until=lease_end,
-                            counted_at=row["counted_at"] or now,
+                            counted_at=now,  # caps count when messages go, not when written
                         )
                         row["attempts"] += 1
+                        row["lease_until"] = lease_end
                         ready.append(row)
             if events:
                 conn.execute(insert(message_events), events)
         return ready
+
+    @staticmethod
+    def _bury(conn: Connection, row: Mapping[str, Any], now: datetime, detail: str) -> None:
+        """A message out of attempts: ``dead``, with its dead letter."""
+        conn.execute(
+            update(messages)
+            .where(messages.c.id == row["id"])
+            .values(
+                status="dead",
+                reason="retries_exhausted",
+                detail=detail,
+                next_attempt_at=None,
+                lease_until=None,
+                counted_at=None,
+                updated_at=now,
+            )
+        )
+        conn.execute(delete(dead_letters).where(dead_letters.c.message_id == row["id"]))
+        conn.execute(
+            insert(dead_letters).values(
+                message_id=row["id"],
+                workspace_id=row["workspace_id"],
+                profile_id=row["profile_id"],
+                provider=row["provider"] or "none",
+                attempts=row["attempts"],
+                last_error=detail,
+                failed_at=now,
+            )
+        )
 
     @staticmethod
     def _settle(conn: Connection, row: Mapping[str, Any], now: datetime, **values: Any) -> bool:
@@ -365,16 +413,34 @@ class Dispatcher:
             if wait <= 0:
                 break
             self.sleep(wait)
-        message = OutgoingMessage(
-            id=row["id"],
-            channel=channel,
-            to=row["to_address"] or "",
-            content=read_content(row["content"]),
-            created_at=row["created_at"],
-        )
-        # the signed List-Unsubscribe URL is the content hook's (waymark.delivery.feedback)
-        if self.content_hook is not None:
-            message = self.content_hook(row, message)
+        if self.hub.clock.now() >= row["lease_until"]:
+            # paced past our lease: another dispatcher may hold it now; it goes when reclaimed
+            with self._guard:
+                breaker.release()
+            return stats
+        try:
+            message = OutgoingMessage(
+                id=row["id"],
+                channel=channel,
+                to=row["to_address"] or "",
+                content=read_content(row["content"]),
+                created_at=row["created_at"],
+            )
+            # tracked links and the signed List-Unsubscribe are the content hook's
+            # (waymark.delivery.feedback); a test send is not tracked
+            if self.content_hook is not None and row["source_kind"] != "test":
+                message = self.content_hook(row, message)
+        except Exception as exc:  # e.g. the store unreachable for the tracking keys
+            log.exception("preparing message %s failed", row["id"])
+            with self._guard:
+                breaker.release()
+            self._record(
+                row,
+                DeliveryResult.failed(f"cannot prepare the message: {exc!r}", transient=True),
+                provider.name,
+                stats,
+            )
+            return stats
         try:
             result = provider.send(message)
         except Exception as exc:  # a provider's bug must not stop the others
@@ -382,9 +448,9 @@ class Dispatcher:
             result = DeliveryResult.failed(f"the provider raised {exc!r}", transient=True)
         self.fault("sent")
         with self._guard:
-            if result.outcome is Outcome.SENT:
-                breaker.success()
-            elif result.transient:
+            if result.outcome is Outcome.SENT or not result.transient:
+                breaker.success()  # a permanent refusal is an answer: the provider is up
+            else:
                 breaker.failure(self.monotonic())
         self._record(row, result, provider.name, stats)
         self.fault("recorded")
@@ -393,7 +459,7 @@ class Dispatcher:
     def _defer(self, row: Mapping[str, Any], seconds: float, provider: str) -> None:
         now = self.hub.clock.now()
         with self.hub.tx() as conn:
-            self._set(
+            if not self._settle(
                 conn,
                 row,
                 now,
@@ -401,7 +467,8 @@ class Dispatcher:
                 attempts=row["attempts"] - 1,
                 next_attempt_at=now + timedelta(seconds=max(1.0, seconds)),
                 lease_until=None,
-            )
+            ):
+                return  # no longer ours
             conn.execute(
                 insert(message_events).values(
                     _event(row, "deferred", now, {"provider": provider, "why": "circuit open"})
@@ -419,10 +486,21 @@ class Dispatcher:
     def _record_batch(
         self, batch: list[tuple[Mapping[str, Any], DeliveryResult, str, DispatchStats]]
     ) -> None:
-        with self.hub.tx() as conn:
-            self.fault("recording")
-            for row, result, provider, stats in batch:
-                self._record_one(conn, row, result, provider, stats)
+        try:
+            with self.hub.tx() as conn:
+                self.fault("recording")
+                for row, result, provider, stats in batch:
+                    self._record_one(conn, row, result, provider, stats)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # one result's error must not undo the others': each in its own transaction
+            log.exception("recording %d results together failed; one by one", len(batch))
+            for item in batch:
+                try:
+                    self._record_batch([item])
+                except Exception:  # that message is claimed again when its lease ends
+                    log.exception("recording the result of message %s failed", item[0]["id"])
 
     def _record_one(
         self,

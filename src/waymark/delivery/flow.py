@@ -73,6 +73,10 @@ class CircuitBreaker:
             return True
         return False
 
+    def release(self) -> None:
+        """The send :meth:`allow` let through did not happen: a half-open trial is free again."""
+        self.trial = False
+
     def success(self) -> None:
         self.failures, self.opened_at, self.trial = 0, None, False
 

@@ -85,6 +85,7 @@ __all__ = [
     "SendIntent",
     "Source",
     "cap_locks",
+    "cap_locks_of",
     "content_json",
     "read_content",
 ]
@@ -167,16 +168,20 @@ def cap_locks(conn: Connection, workspace_id: str, profile_ids: Iterable[str]) -
     """On PostgreSQL, hold the cap lock of each profile until the transaction ends (taken in
     one order, so two transactions locking overlapping sets cannot deadlock). Nothing on
     SQLite, whose writers are serialised."""
+    cap_locks_of(conn, [(workspace_id, p) for p in profile_ids])
+
+
+def cap_locks_of(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
+    """:func:`cap_locks` for ``(workspace, profile)`` pairs of several workspaces, all in one
+    order."""
     if conn.dialect.name != "postgresql":
         return
     keys = sorted(
         {
             int.from_bytes(
-                hashlib.blake2b(f"{workspace_id}:{p}".encode(), digest_size=4).digest(),
-                "big",
-                signed=True,
+                hashlib.blake2b(f"{w}:{p}".encode(), digest_size=4).digest(), "big", signed=True
             )
-            for p in profile_ids
+            for w, p in pairs
         }
     )
     for start in range(0, len(keys), _CHUNK):
@@ -694,13 +699,15 @@ class Outbox:
         claimed: Sequence[Mapping[str, Any]],
         *,
         now: datetime,
+        locked: bool = False,
     ) -> dict[str, Decision]:
         """Decide again for messages about to be sent (rows of ``messages``, all of this
         workspace), under the cap locks: the rules, consents and suppressions as they stand
         now, the caps counting every other admitted message. Message id -> decision."""
         if not claimed:
             return {}
-        cap_locks(conn, workspace_id, (m["profile_id"] for m in claimed))
+        if not locked:  # else the caller holds them (waymark.delivery.dispatcher)
+            cap_locks(conn, workspace_id, (m["profile_id"] for m in claimed))
         state = self._state(conn, workspace_id)
         ws_zone = state.zone
         where = _Addresses.of(state.schema)

@@ -26,8 +26,10 @@
     kind = "signed"                  # or "sink"
     secret = "..."
 
-A channel left out goes to the development sink in the data folder (``kind = "sink"``): email
-through a real local SMTP server, the other channels as files, all listed at ``/dev/sink``. The
+While ``public_url`` is local (a development setup), a channel left out goes to the development
+sink in the data folder (``kind = "sink"``): email through a real local SMTP server, the other
+channels as files, all listed at ``/dev/sink``. Otherwise a channel left out has no provider:
+its messages are retried, then kept as dead letters, until one is configured. The
 in-app inbox needs no provider. Every option is checked when the registry is built, with the
 path of each problem (``providers.email.port``).
 """
@@ -68,13 +70,22 @@ KINDS: Final[Mapping[Channel, tuple[str, ...]]] = {
 _SMTP_KEYS: Final = ("host", "port", "security", "username", "password", "timeout")
 
 
-def _config(providers: Mapping[str, Mapping[str, Any]], channel: Channel) -> dict[str, Any]:
-    return dict(providers.get(channel.value) or {"kind": "sink"})
+def _config(
+    providers: Mapping[str, Mapping[str, Any]], channel: Channel, fallback: bool = True
+) -> dict[str, Any]:
+    found = providers.get(channel.value)
+    if found:
+        return dict(found)
+    return {"kind": "sink"} if fallback else {}
 
 
-def uses_sink(providers: Mapping[str, Mapping[str, Any]], channel: Channel) -> bool:
-    """Whether ``channel`` goes to the development sink."""
-    return bool(_config(providers, channel).get("kind", "sink") == "sink")
+def uses_sink(
+    providers: Mapping[str, Mapping[str, Any]], channel: Channel, *, fallback: bool = True
+) -> bool:
+    """Whether ``channel`` goes to the development sink (``fallback``: an unconfigured
+    channel does)."""
+    config = _config(providers, channel, fallback)
+    return bool(config) and config.get("kind", "sink") == "sink"
 
 
 def _build(cls: type[Any], options: Mapping[str, Any], path: str, issues: list[Issue]) -> Any:
@@ -131,10 +142,12 @@ def build_factories(
     *,
     sink: SinkStore | None = None,
     sink_smtp_port: int | None = None,
+    fallback_to_sink: bool = True,
 ) -> dict[Channel, ProviderFactory]:
     """A provider factory per channel (each worker thread builds its own instances);
     :class:`InvalidInput` naming every bad option. ``sink`` and ``sink_smtp_port`` serve the
-    channels that go to the development sink."""
+    channels that go to the development sink: those configured so and, with
+    ``fallback_to_sink``, those not configured (else they get no provider)."""
     issues: list[Issue] = []
     for name in sorted(set(providers) - {c.value for c in KINDS}):
         issues.append(
@@ -144,7 +157,9 @@ def build_factories(
         )
     factories: dict[Channel, ProviderFactory] = {}
     for channel, kinds in KINDS.items():
-        config = _config(providers, channel)
+        config = _config(providers, channel, fallback_to_sink)
+        if not config:
+            continue
         path = f"providers.{channel.value}"
         kind = config.pop("kind", "sink")
         if kind not in kinds:

@@ -42,7 +42,8 @@ class DeliveryRuntime:
         self.sink = SinkStore(settings.data_dir / "sink", clock=hub.clock)
         self.smtp: SinkSmtpServer | None = None
         if factories is None:
-            if uses_sink(settings.providers, Channel.EMAIL):
+            local = settings.local_only
+            if uses_sink(settings.providers, Channel.EMAIL, fallback=local):
                 self.smtp = SinkSmtpServer(self.sink)
                 self.smtp.start()
             try:
@@ -50,6 +51,7 @@ class DeliveryRuntime:
                     settings.providers,
                     sink=self.sink,
                     sink_smtp_port=self.smtp.port if self.smtp is not None else None,
+                    fallback_to_sink=local,
                 )
             except BaseException:
                 self.close()
