@@ -407,36 +407,34 @@ def read_delivery_facts(
         return {}, [], []
     m = _marks(conn)
     marks = ", ".join([m] * len(profile_ids))
-    params = (workspace_id, *profile_ids)
-    attributes = {
-        r[0]: _json(r[1]) or {}
-        for r in fetch_rows(
-            conn,
-            f"SELECT id, attributes FROM profiles WHERE workspace_id = {m} AND id IN ({marks})",
-            params,
-        )
-    }
-    consents = [
-        (r[0], r[1], r[2], r[3])
-        for r in fetch_rows(
-            conn,
-            "SELECT profile_id, channel, purpose, status FROM consents "
-            f"WHERE workspace_id = {m} AND profile_id IN ({marks})",
-            params,
-        )
-    ]
-    counted: list[tuple[str, str, str, str, bool, datetime]] = []
+    params: tuple[Any, ...] = (workspace_id, *profile_ids)
+    # one statement (on PostgreSQL each is a round trip): kind, then the columns of each kind
+    pg = conn.dialect.name == "postgresql"
+    flag, when = ("CAST(NULL AS BOOLEAN)", "CAST(NULL AS TIMESTAMPTZ)") if pg else ("NULL", "NULL")
+    sql = (
+        f"SELECT 'p', id, CAST(attributes AS TEXT), NULL, NULL, {flag}, {when} FROM profiles "
+        f"WHERE workspace_id = {m} AND id IN ({marks}) "
+        f"UNION ALL SELECT 'c', profile_id, channel, purpose, status, {flag}, {when} "
+        f"FROM consents WHERE workspace_id = {m} AND profile_id IN ({marks})"
+    )
+    values = params + params
     if counted_since is not None:
-        t = time_converter(conn)
-        counted = [
-            (r[0], r[1], r[2], r[3], bool(r[4]), read_time(r[5]))
-            for r in fetch_rows(
-                conn,
-                "SELECT id, profile_id, channel, purpose, transactional, counted_at FROM messages "
-                f"WHERE workspace_id = {m} AND profile_id IN ({marks}) AND counted_at > {m}",
-                (*params, t(counted_since)),
-            )
-        ]
+        sql += (
+            " UNION ALL SELECT 'm', profile_id, id, channel, purpose, transactional, counted_at "
+            f"FROM messages WHERE workspace_id = {m} AND profile_id IN ({marks}) "
+            f"AND counted_at > {m}"
+        )
+        values += (*params, time_converter(conn)(counted_since))
+    attributes: dict[str, dict[str, Any]] = {}
+    consents: list[tuple[str, str, str, str]] = []
+    counted: list[tuple[str, str, str, str, bool, datetime]] = []
+    for kind, profile_id, a, b, c, transactional, at in fetch_rows(conn, sql, values):
+        if kind == "p":
+            attributes[profile_id] = _json(a) or {}
+        elif kind == "c":
+            consents.append((profile_id, a, b, c))
+        else:
+            counted.append((a, profile_id, b, c, bool(transactional), read_time(at)))
     return attributes, consents, counted
 
 
