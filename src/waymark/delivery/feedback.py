@@ -56,7 +56,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-import orjson
 from sqlalchemy import Connection, func, insert, select, update
 
 from waymark.access.service import record_audit
@@ -80,10 +79,16 @@ from waymark.delivery.tracking import (
 from waymark.hub import Hub
 from waymark.identity.graph import MergePolicy
 from waymark.identity.service import ProfileWriter
-from waymark.model.events import ConsentStatus, ConsentUpdate, EventType, normalize_identity
+from waymark.model.events import (
+    ConsentStatus,
+    ConsentUpdate,
+    Event,
+    EventType,
+    normalize_identity,
+)
 from waymark.model.schemas import FieldType, StringFormat, validate_event
 from waymark.profiles.schema_store import schema_in_force
-from waymark.storage.hotpath import INBOX_COLUMNS, claim_message_ids, insert_inbox, time_converter
+from waymark.storage.hotpath import claim_message_ids, inbox_row, insert_inbox, time_converter
 from waymark.storage.tables import (
     consents,
     identities,
@@ -840,8 +845,7 @@ def _store_event(
     """One hub event into the event inbox, checked against the schema in force as ingestion
     checks events. It is stored even if that schema refuses it (flag ``unchecked``): the
     built-in ``message.*`` events are declared for every workspace, so that only happens to a
-    schema saved before they were. (The row is :func:`waymark.ingestion.service.inbox_row`'s;
-    ingestion sits above the outbox, which needs this module, so it is not imported.)"""
+    schema saved before they were."""
     _, schema = schema_in_force(conn, workspace_id)
     checked = validate_event(schema, name, properties)
     flags: tuple[str, ...] = checked.flags
@@ -850,25 +854,18 @@ def _store_event(
     else:
         log.warning("the schema of workspace %s refuses %s: %s", workspace_id, name, checked.issues)
         flags = ("unchecked",)
-    when = time_converter(conn)
-    values = {
-        "workspace_id": workspace_id,
-        "profile_id": profile_id,
-        "message_id": event_id,
-        "type": EventType.TRACK.value,
-        "name": name,
-        "timestamp": when(at),
-        "received_at": when(now),
-        "identities": "{}",
-        "properties": orjson.dumps(properties, default=str).decode(),
-        "traits": "{}",
-        "context": "{}",
-        "flags": orjson.dumps(list(flags)).decode(),
-        "source": EVENT_SOURCE,
-        "previous_id": None,
-        "group_id": None,
-    }
-    insert_inbox(conn, [tuple(values[column] for column in INBOX_COLUMNS)])
+    event = Event(
+        message_id=event_id,
+        type=EventType.TRACK,
+        name=name,
+        timestamp=at,
+        received_at=now,
+        identities=(),
+        properties=properties,
+        flags=flags,
+        source=EVENT_SOURCE,
+    )
+    insert_inbox(conn, [inbox_row(workspace_id, profile_id, event, time_converter(conn))])
 
 
 # -- texts back -----------------------------------------------------------------------------------

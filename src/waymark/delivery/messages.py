@@ -14,7 +14,7 @@
 - **Push subscriptions** (:func:`register_subscription`, :func:`list_subscriptions`,
   :func:`delete_subscription`): a profile's browsers and devices; one push message goes to each.
 - **Preview and test sends** (:func:`preview`, :func:`test_send`): a template rendered for a real
-  profile with the context the outbox builds (:func:`message_context`), or sent to seed
+  profile with the context the outbox builds (:meth:`Outbox.render_context`), or sent to seed
   addresses as transactional ``test`` messages.
 
 Like :mod:`waymark.delivery.store`, every function works in the caller's transaction and never
@@ -71,7 +71,6 @@ __all__ = [
     "list_dead_letters",
     "list_subscriptions",
     "mark_read",
-    "message_context",
     "message_log",
     "preview",
     "register_subscription",
@@ -965,34 +964,6 @@ def delete_subscription(
 # -- preview and test sends -----------------------------------------------------------------------
 
 
-def message_context(
-    outbox: Outbox,
-    keys: TrackingKeys,
-    *,
-    workspace_id: str,
-    workspace_name: str,
-    profile_id: str,
-    attributes: Mapping[str, Any],
-    message_id: str,
-    channel: Channel,
-    purpose: str,
-    extra: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The render context of one message, exactly as the outbox builds it
-    (:meth:`Outbox.render_context`)."""
-    return outbox.render_context(
-        keys,
-        workspace_id,
-        workspace_name,
-        profile_id=profile_id,
-        attributes=attributes,
-        message_id=message_id,
-        channel=channel,
-        purpose=purpose,
-        extra=extra,
-    )
-
-
 def _check_context(context: object) -> Mapping[str, Any]:
     if not isinstance(context, Mapping):
         raise InvalidInput([Issue("context", "must be an object of render roots")])
@@ -1043,11 +1014,10 @@ def preview(
     if name is None:
         raise NotFound(f"no workspace {workspace_id!r}")
     return compiled.render(
-        message_context(
-            outbox,
+        outbox.render_context(
             TrackingKeys.of(os.urandom(32)),
-            workspace_id=workspace_id,
-            workspace_name=name,
+            workspace_id,
+            name,
             profile_id=profile_id,
             attributes=attributes,
             message_id=new_id(),

@@ -10,7 +10,6 @@ to the very next message). Suppressions are per channel and address, the address
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -54,7 +53,6 @@ __all__ = [
     "save_rules",
     "save_template",
     "suppress",
-    "suppressed",
     "unsuppress",
 ]
 
@@ -549,24 +547,6 @@ def unsuppress(
             at=now,
         )
     return bool(gone)
-
-
-def suppressed(
-    conn: Connection, workspace_id: str, channel: Channel, addresses: Iterable[str]
-) -> dict[str, str]:
-    """Of ``addresses`` (normalised), those suppressed on ``channel``, with their reasons."""
-    wanted = sorted(set(addresses))
-    found: dict[str, str] = {}
-    for start in range(0, len(wanted), 500):
-        rows = conn.execute(
-            select(suppressions.c.address, suppressions.c.reason).where(
-                suppressions.c.workspace_id == workspace_id,
-                suppressions.c.channel == channel.value,
-                suppressions.c.address.in_(wanted[start : start + 500]),
-            )
-        )
-        found.update({r.address: r.reason for r in rows})
-    return found
 
 
 def list_suppressions(

@@ -8,7 +8,7 @@ are resolved and the claimed events are written to the inbox. Commit = durable =
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,7 +23,7 @@ from waymark.ingestion.payloads import ItemError, Parsed
 from waymark.model.events import Event, EventType, Identity, ProfileRecord, normalize_identity
 from waymark.model.json import unstorable
 from waymark.model.schemas import Schema, validate_attributes, validate_event
-from waymark.storage.hotpath import claim_message_ids, insert_inbox, time_converter
+from waymark.storage.hotpath import claim_message_ids, inbox_row, insert_inbox, time_converter
 from waymark.storage.tables import stream_recheck
 
 _CHUNK = 400
@@ -128,34 +128,6 @@ def validate_event_item(schema: Schema, event: Event) -> Event | tuple[Issue, ..
         event.group_id,
         event.source,
         tuple(dict.fromkeys(flags)),  # validated again under a newer schema: no repeats
-    )
-
-
-def inbox_row(
-    workspace_id: str, profile_id: str, event: Event, when: Callable[[datetime], Any]
-) -> tuple[Any, ...]:
-    """The ``event_inbox`` row (``INBOX_COLUMNS`` order) of an accepted event: JSON columns
-    encoded once, here; ``when`` converts instants for the store."""
-    identities: dict[str, str] = {}
-    for identity in event.identities:
-        identities.setdefault(identity.namespace, identity.value)
-    dumps = orjson.dumps
-    return (
-        workspace_id,
-        profile_id,
-        event.message_id,
-        event.type.value,
-        event.name,
-        when(event.timestamp),
-        when(event.received_at),
-        dumps(identities).decode(),
-        dumps(event.properties, default=str).decode(),
-        dumps(event.traits, default=str).decode(),
-        dumps(event.context, default=str).decode(),
-        dumps(list(event.flags)).decode(),
-        event.source,
-        event.previous_id,
-        event.group_id,
     )
 
 

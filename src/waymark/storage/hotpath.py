@@ -15,6 +15,7 @@ import orjson
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
+from waymark.model.events import Event
 from waymark.storage.tables import read_time, sqlite_time
 
 _CHUNK = 500
@@ -118,6 +119,34 @@ def time_converter(conn: Connection) -> Callable[[datetime], Any]:
 
 def _same(value: datetime) -> datetime:
     return value
+
+
+def inbox_row(
+    workspace_id: str, profile_id: str, event: Event, when: Callable[[datetime], Any]
+) -> tuple[Any, ...]:
+    """The ``event_inbox`` row (``INBOX_COLUMNS`` order) of an accepted event: JSON columns
+    encoded once, here; ``when`` converts instants for the store."""
+    identities: dict[str, str] = {}
+    for identity in event.identities:
+        identities.setdefault(identity.namespace, identity.value)
+    dumps = orjson.dumps
+    return (
+        workspace_id,
+        profile_id,
+        event.message_id,
+        event.type.value,
+        event.name,
+        when(event.timestamp),
+        when(event.received_at),
+        dumps(identities).decode(),
+        dumps(event.properties, default=str).decode(),
+        dumps(event.traits, default=str).decode(),
+        dumps(event.context, default=str).decode(),
+        dumps(list(event.flags)).decode(),
+        event.source,
+        event.previous_id,
+        event.group_id,
+    )
 
 
 def insert_inbox(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
