@@ -80,3 +80,45 @@ def test_seq_numbers_continue_across_appends_and_reopening(tmp_path: Path) -> No
         assert seqs == [1, 2, 3, 4]
     finally:
         log.close()
+
+
+def _on_disk(log: DuckDBEventLog) -> dict[str, int]:
+    return {key: int(value) for key, value in log.sql("SELECT key, value FROM log_meta")}
+
+
+def test_counters_kept_in_memory_are_the_files(tmp_path: Path) -> None:
+    """The log keeps its counters after reading them once; what it keeps always equals what
+    the file holds, after appends, markers, merges, a failed append and reopening."""
+    path = tmp_path / "events.duckdb"
+    log = DuckDBEventLog(path)
+    try:
+        assert log.inbox_watermark() == 0 and log.merge_watermark() == 0
+        assert log.append_numbered(_rows(("w", "a"), ("w", "b")), marker=("inbox", 5)) == [1, 2]
+        assert log.append_numbered(_rows(("w", "c")), marker=("inbox", 5)) is None  # done
+        assert log.append_numbered(_rows(("w", "c")), marker=("inbox", 9)) == [3]
+        assert log.append_numbered(_rows(("w", "d")), marker=("import:x", 1)) == [4]
+        log.apply_merges([(3, "w", "a", "b")])
+        bad = _rows(("w", "e")).set_column(0, "workspace_id", pa.array([None], pa.string()))
+        try:
+            log.append_numbered(bad, marker=("inbox", 12))
+        except Exception:  # NOT NULL: the transaction rolls back, counters included
+            pass
+        else:
+            raise AssertionError("a row without a workspace was appended")
+        kept = {
+            "seq": log.marker_value("seq"),
+            "inbox": log.inbox_watermark(),
+            "import:x": log.marker_value("import:x"),
+            "merges": log.merge_watermark(),
+        }
+        assert kept == {"seq": 4, "inbox": 9, "import:x": 1, "merges": 3} == _on_disk(log)
+        assert log.append_numbered(_rows(("w", "e")), marker=("inbox", 12)) == [5]
+    finally:
+        log.close()
+    log = DuckDBEventLog(path)
+    try:
+        assert log.inbox_watermark() == 12 and log.merge_watermark() == 3
+        assert log.append_numbered(_rows(("w", "f"))) == [6]
+        assert _on_disk(log)["seq"] == 6
+    finally:
+        log.close()

@@ -273,6 +273,22 @@ _COLUMNS = (
 )
 
 
+@dataclass(slots=True)
+class _Counters:
+    """Committed ``log_meta`` values, and which keys have a row (an absent one reads 0)."""
+
+    values: dict[str, int]
+    present: set[str]
+
+
+#: ``log_meta`` as committed, per log file: every DuckDBEventLog of this process on one file
+#: shares it. DuckDB locks the file to one process and every write of ``log_meta`` goes
+#: through this class, so a value kept here is the file's until this process writes it again
+#: (a read costs about a millisecond per statement; the mover reads the counters every round).
+_COUNTERS: dict[str, _Counters] = {}
+_COUNTERS_LOCK = threading.Lock()
+
+
 class DuckDBEventLog:
     """The embedded event log in one DuckDB file (one writer process at a time)."""
 
@@ -282,6 +298,8 @@ class DuckDBEventLog:
         self._memory_mb = memory_mb
         self._conn = self._connect()
         self._lock = threading.RLock()
+        with _COUNTERS_LOCK:  # read afresh from the file opened now
+            self._counters = _COUNTERS[str(path.resolve())] = _Counters({}, set())
         self._conn.execute(
             """
             CREATE TABLE IF NOT EXISTS events (
@@ -366,15 +384,59 @@ class DuckDBEventLog:
                 cur.close()
 
     def _meta(self, cur: duckdb.DuckDBPyConnection, key: str) -> int:
-        row = cur.execute("SELECT value FROM log_meta WHERE key = ?", [key]).fetchall()
-        return int(row[0][0]) if row else 0
+        """The committed value of ``key`` (0 when never set), read once per process."""
+        return self._metas(cur, [key])[key]
 
-    def _set_meta(self, cur: duckdb.DuckDBPyConnection, key: str, value: int) -> None:
-        cur.execute(
-            "INSERT INTO log_meta VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [key, value],
-        )
+    def _metas(self, cur: duckdb.DuckDBPyConnection, keys: Sequence[str]) -> dict[str, int]:
+        counters = self._counters
+        with _COUNTERS_LOCK:
+            known = {key: counters.values[key] for key in keys if key in counters.values}
+        missing = [key for key in keys if key not in known]
+        if missing:
+            found = dict(
+                cur.execute(
+                    "SELECT key, value FROM log_meta WHERE key IN (SELECT unnest(?))", [missing]
+                ).fetchall()
+            )
+            for key in missing:
+                known[key] = int(found.get(key, 0))
+            with _COUNTERS_LOCK:
+                counters.values.update({key: known[key] for key in missing})
+                counters.present.update(found)
+        return known
+
+    def _write_metas(self, cur: duckdb.DuckDBPyConnection, values: Mapping[str, int]) -> None:
+        """Set ``values`` in ``log_meta`` in one statement (an update when every key has a
+        row already: about a millisecond less than an upsert)."""
+        with _COUNTERS_LOCK:
+            present = self._counters.present.issuperset(values)
+        params: list[Any] = [item for pair in values.items() for item in pair]
+        if present:
+            cases = " ".join(["WHEN ? THEN ?"] * len(values))
+            cur.execute(
+                f"UPDATE log_meta SET value = CASE key {cases} END WHERE key IN (SELECT unnest(?))",
+                [*params, list(values)],
+            )
+        else:
+            cur.execute(
+                "INSERT INTO log_meta VALUES "
+                + ", ".join(["(?, ?)"] * len(values))
+                + " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params,
+            )
+
+    def _committed(self, values: Mapping[str, int]) -> None:
+        """Keep ``values`` as written by a transaction that has just committed."""
+        with _COUNTERS_LOCK:
+            self._counters.values.update(values)
+            self._counters.present.update(values)
+
+    def _forget(self, keys: Iterable[str]) -> None:
+        """Read ``keys`` from the file again (a transaction writing them did not commit)."""
+        with _COUNTERS_LOCK:
+            for key in keys:
+                self._counters.values.pop(key, None)
+                self._counters.present.discard(key)
 
     def append(self, rows: pa.Table, *, marker: tuple[str, int] | None = None) -> int:
         seqs = self.append_numbered(rows, marker=marker)
@@ -384,28 +446,39 @@ class DuckDBEventLog:
         self, rows: pa.Table, *, marker: tuple[str, int] | None = None
     ) -> list[int] | None:
         rows = conform(rows)
+        if marker is not None and marker[0] == "seq":
+            raise ValueError("'seq' is the log's own counter, not a marker")
+        keys = ["seq"] if marker is None else ["seq", marker[0]]
+        written: dict[str, int] = {}
+        try:
+            first = self._append_in_tx(rows, marker, keys, written)
+        except BaseException:
+            self._forget(keys)
+            raise
+        if first is None:
+            return None
+        self._committed(written)
+        return list(range(first, first + rows.num_rows))
+
+    def _append_in_tx(
+        self,
+        rows: pa.Table,
+        marker: tuple[str, int] | None,
+        keys: list[str],
+        written: dict[str, int],
+    ) -> int | None:
+        """Append in one transaction; the first ``seq`` given (None: the marker says done),
+        with the counters written in ``written``."""
         with self._tx() as cur:
-            # one read and one write of the counters (each statement costs about 1 ms here)
-            if marker is not None and marker[0] == "seq":
-                raise ValueError("'seq' is the log's own counter, not a marker")
-            keys = ["seq"] if marker is None else ["seq", marker[0]]
-            known = dict(
-                cur.execute(
-                    "SELECT key, value FROM log_meta WHERE key IN (SELECT unnest(?))", [keys]
-                ).fetchall()
-            )
-            if marker is not None and int(known.get(marker[0], 0)) >= marker[1]:
+            # the counters as kept (read once per process), one write of them
+            known = self._metas(cur, keys)
+            if marker is not None and known[marker[0]] >= marker[1]:
                 return None
-            first = int(known.get("seq", 0)) + 1
-            updates: list[Any] = ["seq", first + rows.num_rows - 1]
+            first = known["seq"] + 1
+            written["seq"] = first + rows.num_rows - 1
             if marker is not None:
-                updates += [marker[0], marker[1]]
-            cur.execute(
-                "INSERT INTO log_meta VALUES "
-                + ", ".join(["(?, ?)"] * (len(updates) // 2))
-                + " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                updates,
-            )
+                written[marker[0]] = marker[1]
+            self._write_metas(cur, written)
             numbered = rows.append_column(
                 "seq", pa.array(np.arange(first, first + rows.num_rows, dtype=np.int64))
             )
@@ -424,9 +497,12 @@ class DuckDBEventLog:
                 )
             finally:
                 cur.unregister("incoming_rows")
-        return list(range(first, first + rows.num_rows))
+        return first
 
     def marker_value(self, key: str) -> int:
+        with _COUNTERS_LOCK:
+            if key in self._counters.values:
+                return self._counters.values[key]
         with self._lock:
             return self._meta(self._conn.cursor(), key)
 
@@ -454,17 +530,27 @@ class DuckDBEventLog:
         return known
 
     def merge_watermark(self) -> int:
-        with self._lock:
-            return self._meta(self._conn.cursor(), "merges")
+        return self.marker_value("merges")
 
     def apply_merges(self, merges: Sequence[tuple[int, str, str, str]]) -> None:
         if not merges:
             return
+        try:
+            done = self._apply_merges_in_tx(merges)
+        except BaseException:
+            self._forget(["merges"])
+            raise
+        if done is not None:
+            self._committed({"merges": done})
+
+    def _apply_merges_in_tx(self, merges: Sequence[tuple[int, str, str, str]]) -> int | None:
+        """Apply the merges not applied yet in one transaction; the merge watermark written
+        (None: nothing to do)."""
         with self._tx() as cur:
             done = self._meta(cur, "merges")
             todo = [m for m in merges if m[0] > done]
             if not todo:
-                return
+                return None
             final = final_survivors(todo)
             pairs = pa.table(
                 {
@@ -482,7 +568,9 @@ class DuckDBEventLog:
                 )
             finally:
                 cur.unregister("merge_pairs")
-            self._set_meta(cur, "merges", max(m[0] for m in todo))
+            watermark = max(m[0] for m in todo)
+            self._write_metas(cur, {"merges": watermark})
+        return watermark
 
     def events_for_profile(
         self, workspace_id: str, profile_id: str, *, limit: int = 100, before_seq: int | None = None
