@@ -700,6 +700,30 @@ def test_attribute_and_consent_changes_need_no_event() -> None:
     assert not audience.member(state, withdrawn, T0)
 
 
+@pytest.mark.parametrize(
+    ("text", "reads"),
+    [
+        ('country = "DE" and purchase', True),
+        ("consent(email, marketing) = opted_in or purchase", True),
+        ('last(purchase).category = "shoes"', False),
+        ("first(purchase).timestamp more than 30 days ago", False),
+        ("last(purchase).timestamp in next 7 days", True),  # an anniversary: the profile's zone
+        ("count(purchase within last 7 days) >= 2 and not cart_add", False),
+    ],
+)
+def test_what_reads_the_profile(text: str, reads: bool) -> None:
+    """Only attributes, consents and anniversaries (read in the profile's zone) read the
+    profile: an audience that does not is answered alike for every profile without events."""
+    audience, _ = _compile(text)
+    assert audience.reads_profile is reads
+    if not reads:
+        state = feed(audience, [ev("purchase", T0 - DAY, category="shoes")])
+        zoned = ProfileData({"timezone": "Pacific/Kiritimati", "country": "DE"}, (), {})
+        assert audience.evaluate(state, zoned, T0) == audience.evaluate(
+            state, ProfileData({}, (), {}), T0
+        )
+
+
 # -- the cap --------------------------------------------------------------------------------------
 
 

@@ -745,12 +745,17 @@ class _EventNode(_Node):
     def __init__(self, index: int, ref: EventRef, cap: int) -> None:
         self.index = index
         self.cap = cap
-        self.bounds = _bounds(ref.window, events=True)
+        self.bounds = bounds = _bounds(ref.window, events=True)
         self.match = _matcher(ref)
         #: the names of the events this node reads
         self.names: frozenset[str] = frozenset({ref.name})
+        self.name = ref.name
+        #: whether the event's name is all ``accepts`` needs to look at
+        self.by_name_only = ref.where is None and bounds.lo_abs is None and bounds.hi_abs is None
 
     def accepts(self, event: MemoryEvent, x: int) -> bool:
+        if self.by_name_only:
+            return event.name == self.name
         return self.bounds.fixed_ok(x) and self.match(event)
 
     def new(self) -> dict[str, Any]:
@@ -799,6 +804,8 @@ class _CountNode(_EventNode):
         self.target = float(value)
         #: Only min(count, keep) matters for the comparison.
         self.keep = value if op in (CompareOp.GE, CompareOp.LT) else value + 1
+        #: a sliding window whose kept events fit under the cap (see :meth:`_simple`)
+        self.simple_kind = self.bounds.sliding and self.keep <= cap
 
     def new(self) -> dict[str, Any]:
         return {"c": 0, "e": [], "p": [], "u": None}
@@ -843,7 +850,7 @@ class _CountNode(_EventNode):
 
     def _simple(self, slot: dict[str, Any]) -> bool:
         """A sliding window's slot with nothing pending or unknown, of at most the cap."""
-        return self.bounds.sliding and not slot["p"] and slot["u"] is None and self.keep <= self.cap
+        return self.simple_kind and not slot["p"] and slot["u"] is None
 
     def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
         if self.keep <= 0:
@@ -1137,6 +1144,13 @@ class _SequenceNode(_EventNode):
             raise ValueError("a sequence has at least two steps")
         super().__init__(index, node.steps[0], cap)
         self.steps = tuple(_matcher(step) for step in node.steps)
+        #: per event name, the steps it may play: (bit, whether it is the first step, the
+        #: matcher when the step has a ``where`` filter, else None)
+        plays: dict[str, list[tuple[int, bool, Callable[[MemoryEvent], bool] | None]]] = {}
+        for position, (step, match) in enumerate(zip(node.steps, self.steps, strict=True)):
+            filtered = None if step.where is None else match
+            plays.setdefault(step.name, []).append((1 << position, position == 0, filtered))
+        self.plays = plays
         #: each step's bit in a kept event's mask, and all of them
         self.bits = tuple(1 << position for position in range(len(node.steps)))
         self.every = (1 << len(node.steps)) - 1
@@ -1153,15 +1167,18 @@ class _SequenceNode(_EventNode):
     def _mask(self, event: MemoryEvent, x: int) -> int:
         """The steps ``event`` can play: the first within its window's fixed bounds, the others
         no earlier than the window's start and no later than ``D`` after its end."""
+        plays = self.plays.get(event.name)
+        if plays is None:
+            return 0
         bounds = self.bounds
         later = (bounds.lo_abs is None or x >= bounds.lo_abs) and (
             bounds.hi_abs is None or x <= bounds.hi_abs + self.within
         )
         mask = 0
-        for position, match in enumerate(self.steps):
-            fits = bounds.fixed_ok(x) if position == 0 else later
-            if fits and match(event):
-                mask |= 1 << position
+        for bit, first, match in plays:
+            fits = bounds.fixed_ok(x) if first else later
+            if fits and (match is None or match(event)):
+                mask |= bit
         return mask
 
     def _table(self, kept: list[_Item]) -> list[tuple[list[tuple[int, int]], list[int]]]:
@@ -1350,13 +1367,15 @@ def _event_refs(expr: Expr) -> Iterator[EventRef]:
 
 
 def _reads_profile(expr: Expr) -> bool:
-    """Whether evaluating ``expr`` reads the profile (attributes, consents, or the time zone a
-    picked event's value may be read in)."""
+    """Whether evaluating ``expr`` reads the profile (attributes, consents, or the time zone an
+    anniversary of a picked event's value is read in; no other test of a pick reads it)."""
     if isinstance(expr, And | Or):
         return any(_reads_profile(item) for item in expr.items)
     if isinstance(expr, Not):
         return _reads_profile(expr.item)
-    return isinstance(expr, Attr | Consent | Pick)
+    if isinstance(expr, Pick):
+        return isinstance(expr.test, Anniversary)
+    return isinstance(expr, Attr | Consent)
 
 
 def _moving_test(node: Filter) -> Prop | None:
