@@ -210,7 +210,7 @@ def throughput(args: argparse.Namespace) -> None:
                 MemoryEvent(e.get("event", "identify"), ts, i, e.get("properties", {}))
             )
         evaluator = live._Evaluator(lives, now=at, history=lambda ids, names: [])
-        work = live._Work("w")
+        work = live.FoldWork("w")
         for user, evs in by_user.items():
             live._evaluate_profile(work, evaluator, user, person, rows.get(user), events=evs)
         rows.update(work.rows)
@@ -291,7 +291,7 @@ def demo(args: argparse.Namespace) -> None:
         for pid, event in part:
             by_profile.setdefault(pid, []).append(event)
         evaluator = live._Evaluator(lives, now=part[-1][1].timestamp, history=lambda i, n: [])
-        work = live._Work("w")
+        work = live.FoldWork("w")
         for pid, events in by_profile.items():
             live._evaluate_profile(work, evaluator, pid, person, states.get(pid), events=events)
         states.update(work.rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -578,3 +579,70 @@ def test_state_rows_keep_each_audience_as_text_read_only_when_needed(
     flush_once(hub)
     assert _users(hub, ws, "viewers", "ann") == {"ann"}
     assert set(_stored(hub, ws, ann)) == {ids["viewers"]}
+
+
+def _embedded_only(hub: Hub) -> None:
+    if hub.events.next_seq() is None:
+        pytest.skip("the log numbers rows from a sequence: the mover appends, then folds")
+
+
+def test_history_read_while_the_batch_is_appended_waits_for_it(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mover folds while the log appends the batch; a state past its cap reads the
+    profile's history, which must hold the batch: the read waits for the append."""
+    _embedded_only(hub)
+    monkeypatch.setattr(live, "MAX_EVENTS", 3)
+    monkeypatch.setattr(live, "_compiled", {})
+    monkeypatch.setattr(live, "_compiled_by_identity", {})
+    ws = _workspace(hub)
+    _save(hub, ws, "big basket", "avg(purchase.revenue within last 30 days) > 25")
+    flush_once(hub)
+    real = hub.events.append_numbered
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)  # the fold reaches its history read first
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hub.events, "append_numbered", slow)
+    _send(hub, ws, *[_buy("ann", revenue=r) for r in (100.0, 10.0, 10.0, 10.0, 10.0)])
+    flush_once(hub)
+    assert _members(hub, ws, "big basket") == {_pid(hub, ws, "ann")}  # avg 28 over all five
+    _send(hub, ws, _buy("ann", revenue=10.0))
+    flush_once(hub)
+    assert _members(hub, ws, "big basket") == set()  # avg 25 over the six
+
+
+def test_an_append_that_comes_first_takes_the_numbers_and_the_fold_follows(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold is computed with the numbers the log says it will give; when another append
+    (a file import) takes them first, the fold is computed again with the numbers given, so
+    the states order events as the log does."""
+    _embedded_only(hub)
+    ws = _workspace(hub)
+    _save(hub, ws, "last shoes", 'last(purchase).category = "shoes"')
+    flush_once(hub)
+    real = hub.events.append_numbered
+    taken: list[list[int] | None] = []
+
+    def preceded(table: Any, *, marker: Any = None) -> Any:
+        if not taken:  # an import's chunk lands between the prediction and this append
+            taken.append(real(table.slice(0, 1), marker=("import:x", 1)))
+        return real(table, marker=marker)
+
+    monkeypatch.setattr(hub.events, "append_numbered", preceded)
+    _send(hub, ws, _track("ann", "purchase", order_id="o1", revenue=5.0, category="shoes"))
+    flush_once(hub)
+    ann = _pid(hub, ws, "ann")
+    logged = [
+        seq
+        for seq, message in hub.events.sql(
+            "SELECT seq, message_id FROM events WHERE profile_id = ? ORDER BY seq", [ann]
+        )
+    ]
+    assert taken and taken[0] is not None and len(logged) == 2  # the import's copy, the batch
+    (state_text,) = [state for _due, state in _stored(hub, ws, ann).values()]
+    kept = json.loads(state_text)["n"][0]["l"]  # the last purchase: [timestamp, seq, value]
+    assert kept[1] == logged[1] != taken[0][0]
+    assert _users(hub, ws, "last shoes", "ann") == {"ann"}

@@ -58,13 +58,13 @@ class _Serve:
 
         return live._Evaluator(self.lives, now=now, history=history)
 
-    def _apply(self, work: live._Work) -> None:
+    def _apply(self, work: live.FoldWork) -> None:
         self.rows.update(work.rows)
         self.member.update(work.answers)
 
     def fold(self, batch: dict[str, list[MemoryEvent]], now: datetime) -> None:
         evaluator = self._evaluator(now)
-        work = live._Work("w")
+        work = live.FoldWork("w")
         for pid, events in batch.items():
             self.arrived[pid].extend(events)
             live._evaluate_profile(
@@ -75,7 +75,7 @@ class _Serve:
     def replay(self, pid: str, now: datetime) -> None:
         """A rebuild from the whole history, as after a merge."""
         evaluator = self._evaluator(now)
-        work = live._Work("w")
+        work = live.FoldWork("w")
         live._evaluate_profile(
             work,
             evaluator,

@@ -9,6 +9,7 @@ applied to the log after the events, in ``seq`` order, also idempotently.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 from sqlalchemy import Engine, delete, select, text
 
 from waymark.hub import Hub
-from waymark.segmentation.live import RECOVERY_SEQ, Folder, Moved
+from waymark.segmentation.live import RECOVERY_SEQ, Folder, FoldWork, Moved
 from waymark.storage.database import streaming_lock, write_tx
 from waymark.storage.eventlog import EVENT_ARROW_SCHEMA, EventLog
 from waymark.storage.hotpath import INBOX_COLUMNS, fetch_rows
@@ -72,18 +73,57 @@ _PG_MOVE = text(
 
 
 def _commit_moved(
-    engine: Engine, folder: Folder | None, table: pa.Table, seqs: list[int], *, upto: int
+    engine: Engine,
+    folder: Folder | None,
+    table: pa.Table,
+    seqs: list[int],
+    *,
+    upto: int,
+    prepared: Any = None,
 ) -> None:
     """Delete the inbox rows up to ``upto`` (now in the log), folding them in that
-    transaction."""
-    prepared = None
-    if folder is not None:
+    transaction (``prepared``: the fold, already computed with these ``seqs``)."""
+    if folder is not None and prepared is None:
         with engine.connect() as conn:
             prepared = folder.prepare(conn, _moved(table, seqs))
     with write_tx(engine) as conn:
         if folder is not None and prepared is not None:
             folder.commit(conn, prepared)
         conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+
+
+#: the thread that appends a batch to an embedded log while the mover computes its fold
+#: (started on first use)
+_APPENDER = ThreadPoolExecutor(1, thread_name_prefix="waymark-log-append")
+
+
+def _append_folding(
+    engine: Engine, events: EventLog, folder: Folder, table: pa.Table, *, upto: int
+) -> tuple[list[int], list[FoldWork] | None] | None:
+    """Append ``table`` to the log while computing its fold, with the ``seq`` numbers the log
+    says it will give (DuckDB runs the append without the interpreter lock: the two overlap).
+    Returns the numbers given and the fold computed with them, or None when the marker says
+    the rows were appended before (a crash to recover from). Reading the log's history (a
+    state past its cap) waits for the append, so that it holds the batch."""
+    first = events.next_seq()
+    if first is None:
+        numbered = events.append_numbered(table, marker=("inbox", upto))
+        return None if numbered is None else (numbered, None)
+    appending = _APPENDER.submit(events.append_numbered, table, marker=("inbox", upto))
+    seqs = list(range(first, first + table.num_rows))
+    prepared: list[FoldWork] | None
+    try:
+        with engine.connect() as conn:
+            prepared = folder.prepare(conn, _moved(table, seqs), log_ready=appending.result)
+    except BaseException:
+        wait([appending])  # whatever it did, the next round sees it through the marker
+        raise
+    numbered = appending.result()
+    if numbered is None:
+        return None
+    if numbered != seqs:  # another append (a file import) came first: fold with these
+        prepared = None
+    return numbered, prepared
 
 
 def flush_shared(
@@ -175,10 +215,15 @@ def flush(
             break
         upto = int(rows[-1][-1])
         table = _rows_to_arrow(rows)
-        numbered = events.append_numbered(table, marker=("inbox", upto))
+        prepared = None
+        if folder is None:
+            numbered = events.append_numbered(table, marker=("inbox", upto))
+        else:
+            outcome = _append_folding(engine, events, folder, table, upto=upto)
+            numbered, prepared = (None, None) if outcome is None else outcome
         if numbered is None:  # appended meanwhile by another mover of this log: recover
             continue
-        _commit_moved(engine, folder, table, numbered, upto=upto)
+        _commit_moved(engine, folder, table, numbered, upto=upto, prepared=prepared)
         moved += len(rows)
         if len(rows) < batch_size:
             break

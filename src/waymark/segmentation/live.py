@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
@@ -79,6 +79,7 @@ from waymark.storage.tables import (
 
 __all__ = [
     "RECOVERY_SEQ",
+    "FoldWork",
     "Folder",
     "Moved",
     "decide_modes",
@@ -332,7 +333,7 @@ _NOBODY: Final = _Profile({}, {})
 
 
 @dataclass(slots=True)
-class _Work:
+class FoldWork:
     """States and answers computed for one workspace, waiting to be written."""
 
     workspace_id: str
@@ -538,7 +539,7 @@ def _stamped(events: Iterable[MemoryEvent]) -> list[tuple[int, MemoryEvent]]:
 
 
 def _evaluate_profile(
-    work: _Work,
+    work: FoldWork,
     evaluator: _Evaluator,
     pid: str,
     profile: _Profile,
@@ -634,7 +635,7 @@ def _upsert(conn: Connection) -> Any:
     return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert
 
 
-def _write(conn: Connection, work: _Work, *, now: datetime) -> tuple[int, int]:
+def _write(conn: Connection, work: FoldWork, *, now: datetime) -> tuple[int, int]:
     """Write ``work`` in the caller's transaction: state rows of profiles that still exist,
     membership changes against the membership as it is now; returns (realized, exited)."""
     ws = work.workspace_id
@@ -707,25 +708,22 @@ def _write(conn: Connection, work: _Work, *, now: datetime) -> tuple[int, int]:
     realized = exited = 0
     answers = {k: v for k, v in work.answers.items() if k[1] in alive}
     if answers:
-        current: dict[tuple[str, str], str] = {}
+        current: set[tuple[str, str]] = set()  # realized now (exited rows need no reading)
         answered = sorted({p for _a, p in answers})
         for part in _chunks(answered):
-            for aid, pid, status in conn.execute(
-                select(
-                    audience_members.c.audience_id,
-                    audience_members.c.profile_id,
-                    audience_members.c.status,
-                ).where(
+            found = conn.execute(
+                select(audience_members.c.audience_id, audience_members.c.profile_id).where(
                     audience_members.c.workspace_id == ws,
                     audience_members.c.profile_id.in_(list(part)),
+                    audience_members.c.status == "realized",
                 )
-            ):
-                current[(aid, pid)] = status
+            ).all()
+            current.update((aid, pid) for aid, pid in found)
         entering = []
         leaving: dict[str, list[str]] = defaultdict(list)
         changes = []
         for (aid, pid), member in sorted(answers.items()):
-            held = current.get((aid, pid)) == "realized"
+            held = (aid, pid) in current
             if member and not held:
                 entering.append(
                     {
@@ -806,11 +804,15 @@ class Folder:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
-    def history_reader(self, conn: Connection) -> Any:
+    def history_reader(self, conn: Connection, ready: Callable[[], object] | None = None) -> Any:
+        """Per workspace, a reader of profiles' histories from the log (``ready``: called
+        before each read, returns once the log holds the batch being folded)."""
         events: EventLog = self.hub.events
 
         def read(ws: str) -> Any:
             def rows(ids: Sequence[str], names: Iterable[str]) -> list[Any]:
+                if ready is not None:
+                    ready()
                 if events.dialect == "postgres" and self.hub.settings.shared_event_log:
                     return pg_histories(conn, ws, ids, names)
                 return events.histories(ws, ids, names)
@@ -819,10 +821,17 @@ class Folder:
 
         return read
 
-    def prepare(self, conn: Connection, moved: Sequence[Moved]) -> list[_Work]:
+    def prepare(
+        self,
+        conn: Connection,
+        moved: Sequence[Moved],
+        *,
+        log_ready: Callable[[], object] | None = None,
+    ) -> list[FoldWork]:
         """The states and answers after ``moved``, per workspace (nothing is written). On
         PostgreSQL ``conn`` is the moving transaction, which takes the streaming lock here so
-        that the states it reads stay as read until it commits."""
+        that the states it reads stay as read until it commits. ``log_ready``: while the
+        batch is still being appended to the log, returns once it is (history reads wait)."""
         _lock(conn)
         now = self.hub.clock.now()
         by_ws: dict[str, dict[str, list[MemoryEvent]]] = defaultdict(lambda: defaultdict(list))
@@ -830,14 +839,14 @@ class Folder:
             by_ws[m.workspace_id][m.profile_id].append(
                 MemoryEvent(m.name, m.timestamp, m.seq, m.properties)
             )
-        reader = self.history_reader(conn)
+        reader = self.history_reader(conn, log_ready)
         out = []
         for ws, events in by_ws.items():
             lives = live_audiences(conn, ws)
             if not lives:
                 continue
             ids = sorted(events)
-            work = _Work(ws)
+            work = FoldWork(ws)
             try:
                 evaluator = _Evaluator(lives, now=now, history=reader(ws))
                 stored = _load_rows(conn, ws, ids)
@@ -851,11 +860,11 @@ class Folder:
                     )
             except Exception:  # never hold up the move: build this workspace again instead
                 log.exception("streaming fold failed", extra={"workspace": ws})
-                work = _Work(ws, failed=True)
+                work = FoldWork(ws, failed=True)
             out.append(work)
         return out
 
-    def commit(self, conn: Connection, works: Sequence[_Work]) -> None:
+    def commit(self, conn: Connection, works: Sequence[FoldWork]) -> None:
         """Write what :meth:`prepare` computed, in the caller's transaction."""
         if not works:
             return
@@ -896,7 +905,7 @@ def _timers(hub: Hub, folder: Folder, now: datetime) -> int:
         for ws, ids in by_ws.items():
             ids.sort()
             lives = live_audiences(conn, ws)
-            work = _Work(ws)
+            work = FoldWork(ws)
             evaluator = _Evaluator(lives, now=now, history=reader(ws))
             stored = _load_rows(conn, ws, ids)
             people = _load_profiles(conn, ws, ids)
@@ -972,7 +981,7 @@ def _rebuild_profiles(
     """Evaluate ``ids`` again and write the result: audiences in ``build`` are replayed from
     each profile's history; a profile with ``replay[pid]`` has every audience that covers it
     replayed; the others are re-evaluated from their states."""
-    work = _Work(ws)
+    work = FoldWork(ws)
     evaluator = _Evaluator(lives, now=now, history=history)
     stored = _load_rows(conn, ws, ids)
     people = _load_profiles(conn, ws, ids)

@@ -152,6 +152,11 @@ class EventLog(Protocol):
         """The value of the watermark ``key`` (0 when never set)."""
         ...
 
+    def next_seq(self) -> int | None:
+        """The ``seq`` the next append will give its first row, unless another append comes
+        first; None when the log cannot tell beforehand (numbers drawn from a sequence)."""
+        ...
+
     def inbox_watermark(self) -> int:
         """The highest inbox ``seq`` already appended (0 when none)."""
         ...
@@ -509,6 +514,9 @@ class DuckDBEventLog:
     def inbox_watermark(self) -> int:
         return self.marker_value("inbox")
 
+    def next_seq(self) -> int:
+        return self.marker_value("seq") + 1
+
     def known_message_ids(self, workspace_id: str, candidates: Iterable[pa.Array]) -> set[str]:
         known: set[str] = set()
         for batch in candidates:
@@ -759,6 +767,9 @@ class PostgresEventLog:
 
     def inbox_watermark(self) -> int:
         return self.marker_value("inbox")
+
+    def next_seq(self) -> None:
+        return None  # a sequence numbers the rows
 
     def merge_watermark(self) -> int:
         with self._engine.connect() as conn:
