@@ -157,6 +157,14 @@ def _expanded_all(conn: Connection, workspace_id: str) -> dict[str, tuple[Any, a
     expanded and checked against the schema in force (None when that fails: the schema
     changed under it). Expansions are cached by the audiences' versions and the schema's, so
     a round of streaming reads two small queries' worth."""
+    return _expanded_rows(conn, workspace_id)[1]
+
+
+def _expanded_rows(
+    conn: Connection, workspace_id: str
+) -> tuple[tuple[Any, ...], dict[str, tuple[Any, ast.Expr | None]]]:
+    """:func:`_expanded_all`, with a key that changes whenever anything it returns may: the
+    schema version and the audiences' rows as read."""
     rows = conn.execute(select(*_LIGHT).where(audiences.c.workspace_id == workspace_id)).all()
     version, schema = schema_in_force(conn, workspace_id)
     key = (workspace_id, version, tuple(sorted((r.id, r.version) for r in rows)))
@@ -177,7 +185,8 @@ def _expanded_all(conn: Connection, workspace_id: str) -> dict[str, tuple[Any, a
         if len(_expansions) > 256:
             _expansions.clear()
         _expansions[key] = fulls
-    return {r.name: (r, fulls.get(r.name)) for r in rows}
+    read = (workspace_id, version, tuple(tuple(r) for r in rows))
+    return read, {r.name: (r, fulls.get(r.name)) for r in rows}
 
 
 _modes: dict[int, tuple[ast.Expr, str]] = {}
@@ -256,10 +265,19 @@ def _compiled_of(aid: str, full: ast.Expr) -> tuple[StreamingAudience, CompiledA
     return compiled
 
 
+#: the streaming audiences last built per workspace, with the key of what they were built from
+_lives: dict[str, tuple[tuple[Any, ...], list[Live]]] = {}
+
+
 def live_audiences(conn: Connection, workspace_id: str) -> list[Live]:
-    """The workspace's streaming audiences, compiled (cached by definition)."""
+    """The workspace's streaming audiences, compiled (cached by definition; the list itself
+    is kept while the audiences' rows and the schema stay as they were). Read-only."""
+    read, expanded = _expanded_rows(conn, workspace_id)
+    known = _lives.get(workspace_id)
+    if known is not None and known[0] == read:
+        return known[1]
     found: list[Live] = []
-    for row, full in _expanded_all(conn, workspace_id).values():
+    for row, full in expanded.values():
         if row.mode != "streaming" or _mode_of(full) != "streaming":
             continue
         assert full is not None
@@ -276,6 +294,9 @@ def live_audiences(conn: Connection, workspace_id: str) -> list[Live]:
                 ready=bool(row.stream_ready) and row.stream_key == compiled[0].key,
             )
         )
+    if len(_lives) > 256:
+        _lives.clear()
+    _lives[workspace_id] = (read, found)
     return found
 
 
