@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -122,3 +123,50 @@ def test_counters_kept_in_memory_are_the_files(tmp_path: Path) -> None:
         assert _on_disk(log)["seq"] == 6
     finally:
         log.close()
+
+
+def test_appends_from_two_threads_never_share_a_number(tmp_path: Path) -> None:
+    """The mover's thread and a file import's append to one log at once: every row gets its
+    own ``seq`` and the counter kept ends where the file's does."""
+    log = DuckDBEventLog(tmp_path / "events.duckdb")
+    errors: list[BaseException] = []
+
+    def appending(marker_key: str) -> None:
+        try:
+            for i in range(1, 121):
+                log.append_numbered(_rows(("w", f"{marker_key}{i}")), marker=(marker_key, i))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=appending, args=(key,)) for key in ("inbox", "import:x")]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        seqs = [r[0] for r in log.sql("SELECT seq FROM events ORDER BY seq")]
+        assert seqs == list(range(1, 241))
+        assert _on_disk(log)["seq"] == 240 == log.next_seq() - 1
+    finally:
+        log.close()
+
+
+def test_two_logs_open_on_one_file_share_their_counters(tmp_path: Path) -> None:
+    path = tmp_path / "events.duckdb"
+    first, second = DuckDBEventLog(path), DuckDBEventLog(path)
+    try:
+        assert first.inbox_watermark() == 0
+        assert second.append_numbered(_rows(("w", "a")), marker=("inbox", 5)) == [1]
+        assert first.append_numbered(_rows(("w", "a")), marker=("inbox", 5)) is None
+        assert first.append_numbered(_rows(("w", "b"))) == [2]
+        assert second.append_numbered(_rows(("w", "c"))) == [3]
+    finally:
+        first.close()
+        first.close()  # twice: counted once
+        second.close()
+    again = DuckDBEventLog(path)  # none open: read afresh
+    try:
+        assert again.next_seq() == 4 and again.inbox_watermark() == 5
+    finally:
+        again.close()

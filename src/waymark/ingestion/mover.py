@@ -93,7 +93,7 @@ def _commit_moved(
 
 
 #: the thread that appends a batch to an embedded log while the mover computes its fold
-#: (started on first use)
+#: (started on first use; one per process, shared by every hub: one mover runs at a time)
 _APPENDER = ThreadPoolExecutor(1, thread_name_prefix="waymark-log-append")
 
 
@@ -117,6 +117,9 @@ def _append_folding(
             prepared = folder.prepare(conn, _moved(table, seqs), log_ready=appending.result)
     except BaseException:
         wait([appending])  # whatever it did, the next round sees it through the marker
+        failed = appending.exception()
+        if failed is not None:
+            log.error("appending moved events to the log failed", exc_info=failed)
         raise
     numbered = appending.result()
     if numbered is None:

@@ -270,12 +270,12 @@ _lives: dict[str, tuple[tuple[Any, ...], list[Live]]] = {}
 
 
 def live_audiences(conn: Connection, workspace_id: str) -> list[Live]:
-    """The workspace's streaming audiences, compiled (cached by definition; the list itself
-    is kept while the audiences' rows and the schema stay as they were). Read-only."""
+    """The workspace's streaming audiences, compiled (cached by definition; the list is
+    kept while the audiences' rows and the schema stay as they were)."""
     read, expanded = _expanded_rows(conn, workspace_id)
     known = _lives.get(workspace_id)
     if known is not None and known[0] == read:
-        return known[1]
+        return list(known[1])  # a copy: the kept list stays as built
     found: list[Live] = []
     for row, full in expanded.values():
         if row.mode != "streaming" or _mode_of(full) != "streaming":
@@ -297,7 +297,7 @@ def live_audiences(conn: Connection, workspace_id: str) -> list[Live]:
     if len(_lives) > 256:
         _lives.clear()
     _lives[workspace_id] = (read, found)
-    return found
+    return list(found)
 
 
 def invalidate(conn: Connection, workspace_id: str) -> None:

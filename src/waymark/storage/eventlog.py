@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -279,19 +279,23 @@ _COLUMNS = (
 
 
 @dataclass(slots=True)
-class _Counters:
-    """Committed ``log_meta`` values, and which keys have a row (an absent one reads 0)."""
+class _Shared:
+    """What every open DuckDBEventLog of this process on one file shares: the lock its
+    transactions take, and ``log_meta`` as committed (``values``; ``present``: the keys that
+    have a row, an absent one reads 0). DuckDB locks the file to one process and every write
+    of ``log_meta`` goes through this class under ``lock``, which is held until the values
+    kept here are those committed: a value kept is the file's (a read costs about a
+    millisecond per statement; the mover reads the counters every round)."""
 
-    values: dict[str, int]
-    present: set[str]
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    values: dict[str, int] = field(default_factory=dict)
+    present: set[str] = field(default_factory=set)
+    #: instances open on the file (the counters are read afresh when it opens with none)
+    users: int = 0
 
 
-#: ``log_meta`` as committed, per log file: every DuckDBEventLog of this process on one file
-#: shares it. DuckDB locks the file to one process and every write of ``log_meta`` goes
-#: through this class, so a value kept here is the file's until this process writes it again
-#: (a read costs about a millisecond per statement; the mover reads the counters every round).
-_COUNTERS: dict[str, _Counters] = {}
-_COUNTERS_LOCK = threading.Lock()
+_SHARED: dict[str, _Shared] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 class DuckDBEventLog:
@@ -302,9 +306,15 @@ class DuckDBEventLog:
         self._path = path
         self._memory_mb = memory_mb
         self._conn = self._connect()
-        self._lock = threading.RLock()
-        with _COUNTERS_LOCK:  # read afresh from the file opened now
-            self._counters = _COUNTERS[str(path.resolve())] = _Counters({}, set())
+        with _SHARED_LOCK:
+            key = str(path.resolve())
+            shared = _SHARED.get(key)
+            if shared is None or shared.users == 0:  # read afresh from the file opened now
+                shared = _SHARED[key] = _Shared()
+            shared.users += 1
+        self._shared = shared
+        self._open = True
+        self._lock = shared.lock
         self._conn.execute(
             """
             CREATE TABLE IF NOT EXISTS events (
@@ -393,9 +403,9 @@ class DuckDBEventLog:
         return self._metas(cur, [key])[key]
 
     def _metas(self, cur: duckdb.DuckDBPyConnection, keys: Sequence[str]) -> dict[str, int]:
-        counters = self._counters
-        with _COUNTERS_LOCK:
-            known = {key: counters.values[key] for key in keys if key in counters.values}
+        """The committed values of ``keys``; call holding ``self._lock``."""
+        shared = self._shared
+        known = {key: shared.values[key] for key in keys if key in shared.values}
         missing = [key for key in keys if key not in known]
         if missing:
             found = dict(
@@ -405,16 +415,14 @@ class DuckDBEventLog:
             )
             for key in missing:
                 known[key] = int(found.get(key, 0))
-            with _COUNTERS_LOCK:
-                counters.values.update({key: known[key] for key in missing})
-                counters.present.update(found)
+            shared.values.update({key: known[key] for key in missing})
+            shared.present.update(found)
         return known
 
     def _write_metas(self, cur: duckdb.DuckDBPyConnection, values: Mapping[str, int]) -> None:
         """Set ``values`` in ``log_meta`` in one statement (an update when every key has a
         row already: about a millisecond less than an upsert)."""
-        with _COUNTERS_LOCK:
-            present = self._counters.present.issuperset(values)
+        present = self._shared.present.issuperset(values)
         params: list[Any] = [item for pair in values.items() for item in pair]
         if present:
             cases = " ".join(["WHEN ? THEN ?"] * len(values))
@@ -431,17 +439,16 @@ class DuckDBEventLog:
             )
 
     def _committed(self, values: Mapping[str, int]) -> None:
-        """Keep ``values`` as written by a transaction that has just committed."""
-        with _COUNTERS_LOCK:
-            self._counters.values.update(values)
-            self._counters.present.update(values)
+        """Keep ``values`` as written by a transaction that has just committed (holding
+        ``self._lock`` since before it began)."""
+        self._shared.values.update(values)
+        self._shared.present.update(values)
 
     def _forget(self, keys: Iterable[str]) -> None:
         """Read ``keys`` from the file again (a transaction writing them did not commit)."""
-        with _COUNTERS_LOCK:
-            for key in keys:
-                self._counters.values.pop(key, None)
-                self._counters.present.discard(key)
+        for key in keys:
+            self._shared.values.pop(key, None)
+            self._shared.present.discard(key)
 
     def append(self, rows: pa.Table, *, marker: tuple[str, int] | None = None) -> int:
         seqs = self.append_numbered(rows, marker=marker)
@@ -455,14 +462,16 @@ class DuckDBEventLog:
             raise ValueError("'seq' is the log's own counter, not a marker")
         keys = ["seq"] if marker is None else ["seq", marker[0]]
         written: dict[str, int] = {}
-        try:
-            first = self._append_in_tx(rows, marker, keys, written)
-        except BaseException:
-            self._forget(keys)
-            raise
+        with self._lock:  # until the counters kept are those committed
+            try:
+                first = self._append_in_tx(rows, marker, keys, written)
+                if first is not None:
+                    self._committed(written)
+            except BaseException:
+                self._forget(keys)
+                raise
         if first is None:
             return None
-        self._committed(written)
         return list(range(first, first + rows.num_rows))
 
     def _append_in_tx(
@@ -505,10 +514,9 @@ class DuckDBEventLog:
         return first
 
     def marker_value(self, key: str) -> int:
-        with _COUNTERS_LOCK:
-            if key in self._counters.values:
-                return self._counters.values[key]
         with self._lock:
+            if key in self._shared.values:
+                return self._shared.values[key]
             return self._meta(self._conn.cursor(), key)
 
     def inbox_watermark(self) -> int:
@@ -543,13 +551,14 @@ class DuckDBEventLog:
     def apply_merges(self, merges: Sequence[tuple[int, str, str, str]]) -> None:
         if not merges:
             return
-        try:
-            done = self._apply_merges_in_tx(merges)
-        except BaseException:
-            self._forget(["merges"])
-            raise
-        if done is not None:
-            self._committed({"merges": done})
+        with self._lock:  # until the counters kept are those committed
+            try:
+                done = self._apply_merges_in_tx(merges)
+                if done is not None:
+                    self._committed({"merges": done})
+            except BaseException:
+                self._forget(["merges"])
+                raise
 
     def _apply_merges_in_tx(self, merges: Sequence[tuple[int, str, str, str]]) -> int | None:
         """Apply the merges not applied yet in one transaction; the merge watermark written
@@ -680,6 +689,10 @@ class DuckDBEventLog:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._open:
+                self._open = False
+                with _SHARED_LOCK:
+                    self._shared.users -= 1
 
 
 log_metadata = MetaData()
