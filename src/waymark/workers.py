@@ -13,22 +13,23 @@ from waymark.delivery.runtime import DeliveryRuntime
 from waymark.hub import Hub
 from waymark.ingestion.mover import flush_hub
 from waymark.profiles.service import finish_deletions
-from waymark.segmentation.live import CHUNK, maintain, recheck_mark
+from waymark.segmentation.live import CHUNK, SERVE_CHUNK, maintain, recheck_mark
 from waymark.segmentation.service import fail_interrupted_runs, run_due
 from waymark.storage.database import checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def stream_once(hub: Hub) -> tuple[int, bool]:
+def stream_once(hub: Hub, *, chunk: int = CHUNK) -> tuple[int, bool]:
     """Move waiting events to the log, folding them into the streaming audiences, then one
-    round of streaming upkeep (rechecks, due timers, a chunk of each pending build); returns
-    how many events moved and whether upkeep work is left for another round."""
+    round of streaming upkeep (rechecks, due timers, a chunk of each pending build, up to
+    ``chunk`` profiles each); returns how many events moved and whether upkeep work is left
+    for another round."""
     with hub.mover_lock:
         mark = recheck_mark(hub)
         moved = flush_hub(hub).events
-        upkeep = maintain(hub, recheck_upto=mark)
-    busy = upkeep["built"] > 0 or upkeep["timers"] >= CHUNK or upkeep["rechecked"] >= CHUNK
+        upkeep = maintain(hub, recheck_upto=mark, chunk=chunk)
+    busy = upkeep["built"] > 0 or upkeep["timers"] >= chunk or upkeep["rechecked"] >= chunk
     return moved, busy
 
 
@@ -127,7 +128,9 @@ async def run_background(hub: Hub, delivery: DeliveryRuntime | None = None) -> N
         while True:
             busy = False
             try:
-                _moved, busy = await run_in_threadpool(stream_once, hub)
+                # short upkeep rounds, back to back while work is left: events arriving
+                # meanwhile wait for one of them, not for the whole upkeep
+                _moved, busy = await run_in_threadpool(stream_once, hub, chunk=SERVE_CHUNK)
             except Exception:  # keep serving; the next round retries
                 log.exception("moving events to the log failed")
             if not busy:

@@ -25,7 +25,7 @@ from waymark.segmentation import live
 from waymark.segmentation import service as segments
 from waymark.storage.hotpath import INBOX_COLUMNS, fetch_rows
 from waymark.storage.tables import audience_changes, stream_recheck, stream_states
-from waymark.workers import flush_once
+from waymark.workers import flush_once, stream_once
 
 SCHEMA = json.loads(
     (Path(__file__).parents[2] / "src/waymark/demo/schema.json").read_text(encoding="utf-8")
@@ -275,6 +275,27 @@ def test_builds_proceed_in_chunks(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> 
     assert len(_members(hub, ws, "buyers")) == 13
     with hub.engine.connect() as conn:
         assert segments.get_audience(conn, ws, "buyers").stream == "ready"
+
+
+def test_short_upkeep_rounds_let_events_through_between_them(hub: Hub, clock: ManualClock) -> None:
+    """``serve`` fires due timers a few profiles per round and moves the inbox between rounds:
+    an event acknowledged while many timers are due waits for one short round, not for all."""
+    ws = _workspace(hub)
+    _save(hub, ws, "buyers", "purchase within last 1 hours")
+    flush_once(hub)
+    _send(hub, ws, *[_buy(f"u{i}") for i in range(7)])
+    flush_once(hub)
+    assert len(_members(hub, ws, "buyers")) == 7
+    clock.advance(timedelta(hours=2))  # seven timers due
+    moved, busy = stream_once(hub, chunk=3)
+    assert (moved, busy) == (0, True) and len(_members(hub, ws, "buyers")) == 4
+    _send(hub, ws, _buy("late"))
+    moved, busy = stream_once(hub, chunk=3)  # the new event moves before the next timers
+    assert (moved, busy) == (1, True)
+    assert _users(hub, ws, "buyers", "late") == {"late"}
+    assert len(_members(hub, ws, "buyers")) == 2  # "late" and one of the seven left
+    assert stream_once(hub, chunk=3) == (0, False)
+    assert _members(hub, ws, "buyers") == {_pid(hub, ws, "late")}
 
 
 def test_a_crash_between_append_and_cleanup_folds_each_event_once(hub: Hub) -> None:
