@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 def stream_once(hub: Hub, *, chunk: int = CHUNK) -> tuple[int, bool]:
     """Move waiting events to the log, folding them into the streaming audiences, then one
-    round of streaming upkeep (rechecks, due timers, a chunk of each pending build, up to
-    ``chunk`` profiles each); returns how many events moved and whether upkeep work is left
+    round of streaming upkeep (up to ``chunk`` profiles of rechecks and of due timers, a chunk
+    of each pending build); returns how many events moved and whether upkeep work is left
     for another round."""
     with hub.mover_lock:
         mark = recheck_mark(hub)
@@ -128,8 +128,8 @@ async def run_background(hub: Hub, delivery: DeliveryRuntime | None = None) -> N
         while True:
             busy = False
             try:
-                # short upkeep rounds, back to back while work is left: events arriving
-                # meanwhile wait for one of them, not for the whole upkeep
+                # short timer and recheck steps, back to back while work is left: events
+                # arriving meanwhile wait for one of them, not for the whole upkeep
                 _moved, busy = await run_in_threadpool(stream_once, hub, chunk=SERVE_CHUNK)
             except Exception:  # keep serving; the next round retries
                 log.exception("moving events to the log failed")

@@ -97,8 +97,8 @@ log = logging.getLogger(__name__)
 RECOVERY_SEQ: Final = 1 << 40
 #: Profiles per chunk of a build, of the timers fired and of the recheck queue in one step.
 CHUNK: Final = 2000
-#: The same in ``serve``, between two moves of the inbox: a newly acknowledged event waits
-#: for at most one such step (2,000 due timers took about 0.2 s, a chunk of a build more).
+#: Profiles of due timers and of rechecks per step in ``serve``, between two moves of the
+#: inbox: a newly acknowledged event waits for one such step, not for 2,000 profiles' worth.
 SERVE_CHUNK: Final = 100
 #: Events a streaming state keeps per condition before it answers "evaluate in batch".
 MAX_EVENTS: Final = 1000
@@ -1123,13 +1123,15 @@ def maintain(
     """One round of streaming upkeep, right after a move, under ``hub.mover_lock``: up to
     ``chunk`` profiles (default :data:`CHUNK`) of the rechecks queued up to ``recheck_upto``
     (:func:`recheck_mark`, read before the move), as many of the due timers, and one chunk of
-    each pending build. Events that arrive meanwhile wait for the round: ``serve`` keeps its
-    rounds short (:data:`SERVE_CHUNK`) and runs them back to back while work is left."""
+    :data:`CHUNK` profiles of each pending build. Events that arrive meanwhile wait for the
+    round: ``serve`` keeps its timer and recheck steps short (:data:`SERVE_CHUNK`) and runs
+    rounds back to back while work is left. A build's chunks stay large: profiles beyond a
+    build's progress (new ones among them) are not kept up to date until it reaches them."""
     folder = folder or Folder(hub)
     now = hub.clock.now()
     size = CHUNK if chunk is None else chunk
     return {
         "rechecked": _rechecks(hub, folder, now, recheck_upto, size),
         "timers": _timers(hub, folder, now, size),
-        "built": _builds(hub, folder, now, size),
+        "built": _builds(hub, folder, now, CHUNK),
     }
