@@ -319,13 +319,19 @@ def test_a_crash_between_append_and_cleanup_folds_each_event_once(hub: Hub) -> N
     assert _members(hub, ws, "exactly two") == set()
 
 
-def test_past_the_state_cap_the_profile_is_evaluated_from_its_history(
-    hub: Hub, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _cap_states_at_three_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streaming states keep at most three events per condition (the compiled audiences and
+    the lists kept of them are dropped: they were compiled with the usual cap)."""
     monkeypatch.setattr(live, "MAX_EVENTS", 3)
     monkeypatch.setattr(live, "_compiled", {})
     monkeypatch.setattr(live, "_compiled_by_identity", {})
     monkeypatch.setattr(live, "_lives", {})
+
+
+def test_past_the_state_cap_the_profile_is_evaluated_from_its_history(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _cap_states_at_three_events(monkeypatch)
     ws = _workspace(hub)
     _save(hub, ws, "big basket", "avg(purchase.revenue within last 30 days) > 25")
     flush_once(hub)
@@ -614,10 +620,7 @@ def test_history_read_while_the_batch_is_appended_waits_for_it(
     """The mover folds while the log appends the batch; a state past its cap reads the
     profile's history, which must hold the batch: the read waits for the append."""
     _embedded_only(hub)
-    monkeypatch.setattr(live, "MAX_EVENTS", 3)
-    monkeypatch.setattr(live, "_compiled", {})
-    monkeypatch.setattr(live, "_compiled_by_identity", {})
-    monkeypatch.setattr(live, "_lives", {})
+    _cap_states_at_three_events(monkeypatch)
     ws = _workspace(hub)
     _save(hub, ws, "big basket", "avg(purchase.revenue within last 30 days) > 25")
     flush_once(hub)
