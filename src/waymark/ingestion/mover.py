@@ -79,7 +79,7 @@ def _commit_moved(
     seqs: list[int],
     *,
     upto: int,
-    prepared: Any = None,
+    prepared: list[FoldWork] | None = None,
 ) -> None:
     """Delete the inbox rows up to ``upto`` (now in the log), folding them in that
     transaction (``prepared``: the fold, already computed with these ``seqs``)."""

@@ -1040,7 +1040,7 @@ def _rebuild_profiles(
     _write(conn, work, now=now)
 
 
-def _builds(hub: Hub, folder: Folder, now: datetime, chunk: int) -> int:
+def _builds(hub: Hub, folder: Folder, now: datetime) -> int:
     """Advance the build of streaming audiences that are not ready by one chunk of profiles;
     returns how many profiles were built."""
     with hub.engine.connect() as conn:
@@ -1088,14 +1088,14 @@ def _builds(hub: Hub, folder: Folder, now: datetime, chunk: int) -> int:
                     select(profiles.c.id)
                     .where(profiles.c.workspace_id == ws, profiles.c.id > through)
                     .order_by(profiles.c.id)
-                    .limit(chunk)
+                    .limit(CHUNK)
                 ).scalars()
             )
             reader = folder.history_reader(conn)
             if ids:
                 built = {a.id for a in group}
                 _rebuild_profiles(conn, ws, lives, ids, reader(ws), now, build=built)
-            finished = len(ids) < chunk
+            finished = len(ids) < CHUNK
             for a in group:
                 conn.execute(
                     update(audiences)
@@ -1133,5 +1133,5 @@ def maintain(
     return {
         "rechecked": _rechecks(hub, folder, now, recheck_upto, size),
         "timers": _timers(hub, folder, now, size),
-        "built": _builds(hub, folder, now, CHUNK),
+        "built": _builds(hub, folder, now),
     }
