@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, func, select
 
 from waymark.core.clock import Clock, SystemClock
 from waymark.settings import Settings
 from waymark.storage.database import close_writer_lock, create_state_engine, migrate, write_tx
 from waymark.storage.eventlog import EventLog, open_event_log
+from waymark.storage.tables import event_inbox
 
 
 @dataclass
@@ -52,9 +53,17 @@ class Hub:
         """The event log, opened on first use."""
         with self._lock:
             if self._events is None:
-                self._events = open_event_log(
+                opened = open_event_log(
                     self.settings.events_url, memory_mb=self.settings.event_log_memory_mb
                 )
+                if not self.settings.shared_event_log:
+                    # numbers the mover folded inbox rows with before a restart, not yet
+                    # appended: no other append may take them
+                    with self.engine.connect() as conn:
+                        folded = conn.execute(select(func.max(event_inbox.c.log_seq))).scalar()
+                    if folded is not None:
+                        opened.reserve_through(int(folded))
+                self._events = opened
             return self._events
 
     @property

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from waymark.access import service as access
 from waymark.core.clock import ManualClock
 from waymark.hub import Hub
+from waymark.ingestion import mover
 from waymark.ingestion.mover import _rows_to_arrow
 from waymark.ingestion.pipeline import Ingestor
 from waymark.model.events import Identity
@@ -614,11 +615,9 @@ def _embedded_only(hub: Hub) -> None:
         pytest.skip("the log numbers rows from a sequence: the mover appends, then folds")
 
 
-def test_history_read_while_the_batch_is_appended_waits_for_it(
-    hub: Hub, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The mover folds while the log appends the batch; a state past its cap reads the
-    profile's history, which must hold the batch: the read waits for the append."""
+def test_a_history_read_appends_the_batch_first(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mover folds before it appends the batch; a state past its cap reads the
+    profile's history, which must hold the batch: the read has the batch appended first."""
     _embedded_only(hub)
     _cap_states_at_three_events(monkeypatch)
     ws = _workspace(hub)
@@ -627,7 +626,7 @@ def test_history_read_while_the_batch_is_appended_waits_for_it(
     real = hub.events.append_numbered
 
     def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(0.3)  # the fold reaches its history read first
+        time.sleep(0.2)  # a slow append is still waited for
         return real(*args, **kwargs)
 
     monkeypatch.setattr(hub.events, "append_numbered", slow)
@@ -637,14 +636,30 @@ def test_history_read_while_the_batch_is_appended_waits_for_it(
     _send(hub, ws, _buy("ann", revenue=10.0))
     flush_once(hub)
     assert _members(hub, ws, "big basket") == set()  # avg 25 over the six
+    assert hub.events.count(ws) == 6 and _inbox(hub) == []
 
 
-def test_an_append_that_comes_first_takes_the_numbers_and_the_fold_follows(
+def _inbox(hub: Hub) -> list[tuple[Any, ...]]:
+    """``(seq, log_seq)`` of every inbox row."""
+    with hub.engine.connect() as conn:
+        return [tuple(r) for r in fetch_rows(conn, "SELECT seq, log_seq FROM event_inbox")]
+
+
+def _logged_seqs(hub: Hub, pid: str) -> list[int]:
+    return [
+        seq
+        for (seq,) in hub.events.sql(
+            "SELECT seq FROM events WHERE profile_id = ? ORDER BY seq", [pid]
+        )
+    ]
+
+
+def test_an_import_between_the_fold_and_the_append_takes_later_numbers(
     hub: Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The fold is computed with the numbers the log says it will give; when another append
-    (a file import) takes them first, the fold is computed again with the numbers given, so
-    the states order events as the log does."""
+    """The fold is computed and committed with numbers the log reserved for the batch; an
+    append coming between (a file import) takes numbers after them, and the batch is
+    appended with its own, so the states order events as the log does."""
     _embedded_only(hub)
     ws = _workspace(hub)
     _save(hub, ws, "last shoes", 'last(purchase).category = "shoes"')
@@ -652,23 +667,116 @@ def test_an_append_that_comes_first_takes_the_numbers_and_the_fold_follows(
     real = hub.events.append_numbered
     taken: list[list[int] | None] = []
 
-    def preceded(table: Any, *, marker: Any = None) -> Any:
-        if not taken:  # an import's chunk lands between the prediction and this append
+    def preceded(table: Any, *, marker: Any = None, first: Any = None) -> Any:
+        if not taken:  # an import's chunk lands between the reservation and this append
             taken.append(real(table.slice(0, 1), marker=("import:x", 1)))
-        return real(table, marker=marker)
+        return real(table, marker=marker, first=first)
 
     monkeypatch.setattr(hub.events, "append_numbered", preceded)
     _send(hub, ws, _track("ann", "purchase", order_id="o1", revenue=5.0, category="shoes"))
     flush_once(hub)
     ann = _pid(hub, ws, "ann")
-    logged = [
-        seq
-        for seq, message in hub.events.sql(
-            "SELECT seq, message_id FROM events WHERE profile_id = ? ORDER BY seq", [ann]
-        )
-    ]
-    assert taken and taken[0] is not None and len(logged) == 2  # the import's copy, the batch
+    logged = _logged_seqs(hub, ann)
+    assert taken and taken[0] is not None and len(logged) == 2  # the batch, the import's copy
     (state_text,) = [state for _due, state in _stored(hub, ws, ann).values()]
     kept = json.loads(state_text)["n"][0]["l"]  # the last purchase: [timestamp, seq, value]
-    assert kept[1] == logged[1] != taken[0][0]
+    assert kept[1] == logged[0] < taken[0][0] == logged[1]
     assert _users(hub, ws, "last shoes", "ann") == {"ann"}
+    assert hub.events.next_seq() == logged[1] + 1
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at_append(monkeypatch: pytest.MonkeyPatch, hub: Hub) -> None:
+    """The next append of a folded batch (numbers given) fails, as if the process died."""
+    real = hub.events.append_numbered
+
+    def dying(table: Any, *, marker: Any = None, first: Any = None) -> Any:
+        if first is not None:
+            monkeypatch.setattr(hub.events, "append_numbered", real)
+            raise _Crash
+        return real(table, marker=marker, first=first)
+
+    monkeypatch.setattr(hub.events, "append_numbered", dying)
+
+
+def _reopened(hub: Hub) -> Hub:
+    """The hub of a new process on the same stores (this one closed)."""
+    settings, clock = hub.settings, hub.clock
+    hub.close()
+    return Hub.open(settings, clock)
+
+
+def test_a_crash_between_the_fold_and_the_append_appends_as_folded(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memberships are committed before the append: a crash between keeps each folded row's
+    log number in the inbox; after the restart the rows are appended with those numbers and
+    not folded again, and an import that comes first takes numbers after them."""
+    _embedded_only(hub)
+    ws = _workspace(hub)
+    _save(hub, ws, "exactly two", "count(purchase) = 2")
+    _save(hub, ws, "last shoes", 'last(purchase).category = "shoes"')
+    flush_once(hub)
+    _send(hub, ws, _buy("ann"), _track("ann", "purchase", order_id="o2", category="shoes"))
+    _crash_at_append(monkeypatch, hub)
+    with pytest.raises(_Crash):
+        flush_once(hub)
+    ann = _pid(hub, ws, "ann")
+    assert _members(hub, ws, "exactly two") == {ann}  # visible before the append
+    marked = _inbox(hub)
+    assert len(marked) == 2 and all(log_seq is not None for _seq, log_seq in marked)
+    assert hub.events.count(ws) == 0
+    hub = _reopened(hub)
+    try:
+        with hub.engine.connect() as conn:
+            rows = fetch_rows(conn, f"SELECT {', '.join(INBOX_COLUMNS)} FROM event_inbox")
+        # an import (of a copy of one of them) before the mover's first round
+        imported = hub.events.append_numbered(_rows_to_arrow(rows[:1]), marker=("import:y", 1))
+        assert imported is not None and imported[0] > max(log_seq for _s, log_seq in marked)
+        flush_once(hub)
+        assert _logged_seqs(hub, ann) == [*sorted(log_seq for _s, log_seq in marked), *imported]
+        assert _inbox(hub) == [] and hub.events.count(ws) == 3
+        assert _members(hub, ws, "exactly two") == {ann}  # not folded twice (four)
+        assert _users(hub, ws, "last shoes", "ann") == {"ann"}
+        _send(hub, ws, _buy("ann"))
+        flush_once(hub)
+        assert _members(hub, ws, "exactly two") == set()
+        assert _members(hub, ws, "last shoes") == set()
+        assert hub.events.count(ws) == 4
+    finally:
+        hub.close()
+
+
+def test_a_crash_between_the_append_and_the_cleanup_only_cleans_up(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Folded, then appended, then a crash before the inbox delete: the rows are deleted, not
+    folded nor appended again."""
+    _embedded_only(hub)
+    ws = _workspace(hub)
+    _save(hub, ws, "exactly two", "count(purchase) = 2")
+    flush_once(hub)
+    _send(hub, ws, _buy("ann"), _buy("ann"))
+    real = mover.write_tx
+    writes = []
+
+    def dying(engine: Any) -> Any:
+        writes.append(1)
+        if len(writes) == 2:  # the cleanup after the append
+            raise _Crash
+        return real(engine)
+
+    monkeypatch.setattr(mover, "write_tx", dying)
+    with pytest.raises(_Crash):
+        flush_once(hub)
+    monkeypatch.setattr(mover, "write_tx", real)
+    assert len(_inbox(hub)) == 2 and hub.events.count(ws) == 2
+    flush_once(hub)
+    assert _inbox(hub) == [] and hub.events.count(ws) == 2
+    assert _members(hub, ws, "exactly two") == {_pid(hub, ws, "ann")}
+    _send(hub, ws, _buy("ann"))
+    flush_once(hub)
+    assert _members(hub, ws, "exactly two") == set()

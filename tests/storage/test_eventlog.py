@@ -170,3 +170,33 @@ def test_two_logs_open_on_one_file_share_their_counters(tmp_path: Path) -> None:
         assert again.next_seq() == 4 and again.inbox_watermark() == 5
     finally:
         again.close()
+
+
+def test_reserved_numbers_are_kept_for_the_append_that_reserved_them(tmp_path: Path) -> None:
+    """The mover reserves a batch's numbers before it folds; appends meanwhile take later
+    ones, the batch takes its own, and numbers given already are refused."""
+    path = tmp_path / "events.duckdb"
+    log = DuckDBEventLog(path)
+    try:
+        assert log.append_numbered(_rows(("w", "a"))) == [1]
+        first = log.reserve(2)
+        assert first == 2 and log.next_seq() == 4
+        assert log.append_numbered(_rows(("w", "import")), marker=("import:x", 1)) == [4]
+        assert log.append_numbered(_rows(("w", "b"), ("w", "c")), marker=("inbox", 7), first=2) == [
+            2,
+            3,
+        ]
+        assert log.next_seq() == 5 and _on_disk(log)["seq"] == 4
+        try:
+            log.append_numbered(_rows(("w", "again")), first=3)
+        except ValueError as exc:
+            assert "seq 3 to 3 were given already" in str(exc)
+        else:
+            raise AssertionError("a number given twice")
+        assert [r[0] for r in log.sql("SELECT seq FROM events ORDER BY seq")] == [1, 2, 3, 4]
+        assert log.reserve(0) == 5 and log.next_seq() == 5
+        log.reserve_through(9)  # numbers reserved before a restart
+        assert log.next_seq() == 10
+        assert log.append_numbered(_rows(("w", "d"))) == [10]
+    finally:
+        log.close()

@@ -2,14 +2,16 @@
 
 Safe at any crash point: the log records the highest inbox ``seq`` it holds in the same
 transaction as the append, so after a crash the same rows are skipped, not appended again; the
-inbox rows are deleted only after the log has them. Merges recorded in ``profile_merges`` are
-applied to the log after the events, in ``seq`` order, also idempotently.
+inbox rows are deleted only after the log has them. Each event is folded into the streaming
+audiences once: embedded, the fold commits first and marks its inbox rows with the log numbers
+reserved for them (``log_seq``), which a recovery appends as they are, without folding again;
+rows the log holds unfolded are folded by the recovery. Merges recorded in ``profile_merges``
+are applied to the log after the events, in ``seq`` order, also idempotently.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ import pyarrow as pa
 from sqlalchemy import Engine, delete, select, text
 
 from waymark.hub import Hub
-from waymark.segmentation.live import RECOVERY_SEQ, Folder, FoldWork, Moved
+from waymark.segmentation.live import RECOVERY_SEQ, Folder, Moved
 from waymark.storage.database import streaming_lock, write_tx
 from waymark.storage.eventlog import EVENT_ARROW_SCHEMA, EventLog
 from waymark.storage.hotpath import INBOX_COLUMNS, fetch_rows
@@ -73,17 +75,12 @@ _PG_MOVE = text(
 
 
 def _commit_moved(
-    engine: Engine,
-    folder: Folder | None,
-    table: pa.Table,
-    seqs: list[int],
-    *,
-    upto: int,
-    prepared: list[FoldWork] | None = None,
+    engine: Engine, folder: Folder | None, table: pa.Table, seqs: list[int], *, upto: int
 ) -> None:
-    """Delete the inbox rows up to ``upto`` (now in the log), folding them in that
-    transaction (``prepared``: the fold, already computed with these ``seqs``)."""
-    if folder is not None and prepared is None:
+    """Delete the inbox rows up to ``upto`` (now in the log), folding ``table`` (rows the log
+    holds with these ``seqs``, not folded yet) in that transaction."""
+    prepared = None
+    if folder is not None and table.num_rows:
         with engine.connect() as conn:
             prepared = folder.prepare(conn, _moved(table, seqs))
     with write_tx(engine) as conn:
@@ -92,41 +89,77 @@ def _commit_moved(
         conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
 
 
-#: the thread that appends a batch to an embedded log while the mover computes its fold
-#: (started on first use; one per process, shared by every hub: one mover runs at a time)
-_APPENDER = ThreadPoolExecutor(1, thread_name_prefix="waymark-log-append")
+class _Append:
+    """The log append of one moved batch, with numbers the log reserved for it: run once,
+    when the fold's history read needs the batch in the log, or after the fold commits."""
+
+    def __init__(self, events: EventLog, table: pa.Table, *, upto: int, first: int) -> None:
+        self.events, self.table, self.upto, self.first = events, table, upto, first
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.events.append_numbered(self.table, marker=("inbox", self.upto), first=self.first)
+            self.done = True
 
 
-def _append_folding(
-    engine: Engine, events: EventLog, folder: Folder, table: pa.Table, *, upto: int
-) -> tuple[list[int], list[FoldWork] | None] | None:
-    """Append ``table`` to the log while computing its fold, with the ``seq`` numbers the log
-    says it will give (DuckDB runs the append without the interpreter lock: the two overlap).
-    Returns the numbers given and the fold computed with them, or None when the marker says
-    the rows were appended before (a crash to recover from). Reading the log's history (a
-    state past its cap) waits for the append, so that it holds the batch."""
-    first = events.next_seq()
+def _move_folding(
+    engine: Engine, events: EventLog, folder: Folder, rows: list[tuple[Any, ...]], *, upto: int
+) -> bool:
+    """Move and fold inbox ``rows`` (up to inbox seq ``upto``); False when the log already
+    held them (a crash to recover from: read the inbox again).
+
+    Embedded: the fold is computed with numbers the log reserves for the batch and committed
+    first, each folded inbox row keeping its number (``log_seq``), so memberships change
+    without waiting for the append; then the batch is appended with those numbers and its
+    inbox rows are deleted. A history read (a state past its cap) appends the batch first,
+    and the fold's transaction deletes it. A log that numbers rows itself (a sequence) is
+    appended first, and the fold is committed with the inbox delete."""
+    table = _rows_to_arrow(rows)
+    first = events.reserve(table.num_rows)
     if first is None:
         numbered = events.append_numbered(table, marker=("inbox", upto))
-        return None if numbered is None else (numbered, None)
-    appending = _APPENDER.submit(events.append_numbered, table, marker=("inbox", upto))
+        if numbered is None:
+            return False
+        _commit_moved(engine, folder, table, numbered, upto=upto)
+        return True
     seqs = list(range(first, first + table.num_rows))
-    prepared: list[FoldWork] | None
-    try:
-        with engine.connect() as conn:
-            prepared = folder.prepare(conn, _moved(table, seqs), log_ready=appending.result)
-    except BaseException:
-        wait([appending])  # whatever it did, the next round sees it through the marker
-        failed = appending.exception()
-        if failed is not None:
-            log.error("appending moved events to the log failed", exc_info=failed)
-        raise
-    numbered = appending.result()
-    if numbered is None:
-        return None
-    if numbered != seqs:  # another append (a file import) came first: fold with these
-        prepared = None
-    return numbered, prepared
+    append = _Append(events, table, upto=upto, first=first)
+    with engine.connect() as conn:
+        prepared = folder.prepare(conn, _moved(table, seqs), log_ready=append)
+    with write_tx(engine) as conn:
+        folder.commit(conn, prepared)
+        if append.done:
+            conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+        else:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            raw.executemany(  # compiled once, bound per row
+                "UPDATE event_inbox SET log_seq = ? WHERE seq = ?",
+                [(seq, int(row[-1])) for seq, row in zip(seqs, rows, strict=True)],
+            )
+    if not append.done:
+        append()
+        with write_tx(engine) as conn:
+            conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+    return True
+
+
+def _append_folded(engine: Engine, events: EventLog, rows: list[tuple[Any, ...]]) -> None:
+    """Append inbox ``rows`` folded before a crash (each with its ``log_seq``, second to
+    last) with those numbers, a run of consecutive numbers at a time, then delete them."""
+    run: list[tuple[Any, ...]] = []
+    for row in [*rows, None]:
+        if run and (row is None or int(row[-2]) != int(run[-1][-2]) + 1):
+            upto = int(run[-1][-1])
+            events.append_numbered(
+                _rows_to_arrow(run), marker=("inbox", upto), first=int(run[0][-2])
+            )
+            with write_tx(engine) as conn:
+                conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+            run = []
+        if row is not None:
+            run.append(row)
 
 
 def flush_shared(
@@ -202,31 +235,38 @@ def flush(
         with engine.connect() as conn:
             rows = fetch_rows(
                 conn,
-                f"SELECT {', '.join(INBOX_COLUMNS)}, seq FROM event_inbox "
+                f"SELECT {', '.join(INBOX_COLUMNS)}, log_seq, seq FROM event_inbox "
                 f"ORDER BY seq LIMIT {int(batch_size)}",
             )
         if rows and int(rows[0][-1]) <= done:
             # rows already in the log (a crash came between the append and the cleanup):
-            # fold them with their log seqs, finish their cleanup, then read again
-            logged = [r for r in rows if int(r[-1]) <= done]
+            # fold those not folded yet with their log seqs, finish the cleanup, read again
+            logged = [r for r in rows if int(r[-1]) <= done and r[-2] is None]
             ws_at, mid_at = INBOX_COLUMNS.index("workspace_id"), INBOX_COLUMNS.index("message_id")
             known = events.message_seqs([(r[ws_at], r[mid_at]) for r in logged])
             seqs = [known.get((r[ws_at], r[mid_at]), RECOVERY_SEQ + int(r[-1])) for r in logged]
             _commit_moved(engine, folder, _rows_to_arrow(logged), seqs, upto=done)
             continue
+        if rows and rows[0][-2] is not None:
+            # rows folded, then a crash before the append: append them as folded
+            folded = []
+            for row in rows:
+                if row[-2] is None:
+                    break
+                folded.append(row)
+            _append_folded(engine, events, folded)
+            continue
         if not rows:
             break
         upto = int(rows[-1][-1])
-        table = _rows_to_arrow(rows)
-        prepared = None
         if folder is None:
-            numbered = events.append_numbered(table, marker=("inbox", upto))
-        else:
-            outcome = _append_folding(engine, events, folder, table, upto=upto)
-            numbered, prepared = (None, None) if outcome is None else outcome
-        if numbered is None:  # appended meanwhile by another mover of this log: recover
+            table = _rows_to_arrow(rows)
+            if events.append_numbered(table, marker=("inbox", upto)) is None:
+                continue  # appended meanwhile by another mover of this log: recover
+            with write_tx(engine) as conn:
+                conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+        elif not _move_folding(engine, events, folder, rows, upto=upto):
             continue
-        _commit_moved(engine, folder, table, numbered, upto=upto, prepared=prepared)
         moved += len(rows)
         if len(rows) < batch_size:
             break

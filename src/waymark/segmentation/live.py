@@ -856,8 +856,8 @@ class Folder:
     ) -> list[FoldWork]:
         """The states and answers after ``moved``, per workspace (nothing is written). On
         PostgreSQL ``conn`` is the moving transaction, which takes the streaming lock here so
-        that the states it reads stay as read until it commits. ``log_ready``: while the
-        batch is still being appended to the log, returns once it is (history reads wait)."""
+        that the states it reads stay as read until it commits. ``log_ready``: when the
+        batch is not in the log yet, puts it there (called before a history read)."""
         _lock(conn)
         now = self.hub.clock.now()
         by_ws: dict[str, dict[str, list[MemoryEvent]]] = defaultdict(lambda: defaultdict(list))

@@ -142,10 +142,12 @@ class EventLog(Protocol):
         ...
 
     def append_numbered(
-        self, rows: pa.Table, *, marker: tuple[str, int] | None = None
+        self, rows: pa.Table, *, marker: tuple[str, int] | None = None, first: int | None = None
     ) -> list[int] | None:
         """:meth:`append`, returning the ``seq`` given to each row (in row order), or None
-        when the marker says the rows were appended before."""
+        when the marker says the rows were appended before. ``first``: the rows take
+        ``first, first + 1, ...``, numbers :meth:`reserve` gave (``ValueError`` if the log
+        gave any of them already, or numbers rows itself)."""
         ...
 
     def marker_value(self, key: str) -> int:
@@ -153,8 +155,22 @@ class EventLog(Protocol):
         ...
 
     def next_seq(self) -> int | None:
-        """The ``seq`` the next append will give its first row, unless another append comes
-        first; None when the log cannot tell beforehand (numbers drawn from a sequence)."""
+        """The ``seq`` the next append without ``first`` will give its first row, unless
+        another append comes first; None when the log cannot tell beforehand (numbers drawn
+        from a sequence)."""
+        ...
+
+    def reserve(self, count: int) -> int | None:
+        """Set aside ``count`` numbers for one later :meth:`append_numbered` with ``first``,
+        returning the first of them (appends without ``first`` give numbers after them); None
+        when a sequence numbers the rows. Kept in this process only: whoever reserves keeps
+        the numbers durably until appended, and gives them to :meth:`reserve_through` after a
+        restart."""
+        ...
+
+    def reserve_through(self, seq: int) -> None:
+        """Give no number up to ``seq`` to appends without ``first`` (numbers reserved before
+        a restart and not appended yet)."""
         ...
 
     def inbox_watermark(self) -> int:
@@ -292,6 +308,8 @@ class _Shared:
     present: set[str] = field(default_factory=set)
     #: instances open on the file (the counters are read afresh when it opens with none)
     users: int = 0
+    #: the highest ``seq`` set aside by :meth:`DuckDBEventLog.reserve` (maybe not appended)
+    reserved: int = 0
 
 
 _SHARED: dict[str, _Shared] = {}
@@ -455,7 +473,7 @@ class DuckDBEventLog:
         return 0 if seqs is None else len(seqs)
 
     def append_numbered(
-        self, rows: pa.Table, *, marker: tuple[str, int] | None = None
+        self, rows: pa.Table, *, marker: tuple[str, int] | None = None, first: int | None = None
     ) -> list[int] | None:
         rows = conform(rows)
         if marker is not None and marker[0] == "seq":
@@ -464,15 +482,15 @@ class DuckDBEventLog:
         written: dict[str, int] = {}
         with self._lock:  # until the counters kept are those committed
             try:
-                first = self._append_in_tx(rows, marker, keys, written)
-                if first is not None:
+                given = self._append_in_tx(rows, marker, keys, written, first)
+                if given is not None:
                     self._committed(written)
             except BaseException:
                 self._forget(keys)
                 raise
-        if first is None:
+        if given is None:
             return None
-        return list(range(first, first + rows.num_rows))
+        return list(range(given, given + rows.num_rows))
 
     def _append_in_tx(
         self,
@@ -480,6 +498,7 @@ class DuckDBEventLog:
         marker: tuple[str, int] | None,
         keys: list[str],
         written: dict[str, int],
+        first: int | None,
     ) -> int | None:
         """Append in one transaction; the first ``seq`` given (None: the marker says done),
         with the counters written in ``written``."""
@@ -488,8 +507,21 @@ class DuckDBEventLog:
             known = self._metas(cur, keys)
             if marker is not None and known[marker[0]] >= marker[1]:
                 return None
-            first = known["seq"] + 1
-            written["seq"] = first + rows.num_rows - 1
+            if first is None:
+                first = max(known["seq"], self._shared.reserved) + 1
+            elif first <= known["seq"] and rows.num_rows:
+                # rare (an import came between the reservation and this append): a check on
+                # the numbers (zone maps keep it to the blocks that may hold them)
+                given = cur.execute(
+                    "SELECT count(*) FROM events WHERE seq BETWEEN ? AND ?",
+                    [first, first + rows.num_rows - 1],
+                ).fetchall()[0][0]
+                if given:
+                    raise ValueError(
+                        f"seq {first} to {first + rows.num_rows - 1} were given already "
+                        "(numbers must come from reserve())"
+                    )
+            written["seq"] = max(known["seq"], first + rows.num_rows - 1)
             if marker is not None:
                 written[marker[0]] = marker[1]
             self._write_metas(cur, written)
@@ -523,7 +555,20 @@ class DuckDBEventLog:
         return self.marker_value("inbox")
 
     def next_seq(self) -> int:
-        return self.marker_value("seq") + 1
+        with self._lock:
+            return max(self.marker_value("seq"), self._shared.reserved) + 1
+
+    def reserve(self, count: int) -> int:
+        if count < 0:
+            raise ValueError("count must not be negative")
+        with self._lock:
+            first = self.next_seq()
+            self._shared.reserved = max(self._shared.reserved, first + count - 1)
+            return first
+
+    def reserve_through(self, seq: int) -> None:
+        with self._lock:
+            self._shared.reserved = max(self._shared.reserved, seq)
 
     def known_message_ids(self, workspace_id: str, candidates: Iterable[pa.Array]) -> set[str]:
         known: set[str] = set()
@@ -754,8 +799,10 @@ class PostgresEventLog:
         return 0 if seqs is None else len(seqs)
 
     def append_numbered(
-        self, rows: pa.Table, *, marker: tuple[str, int] | None = None
+        self, rows: pa.Table, *, marker: tuple[str, int] | None = None, first: int | None = None
     ) -> list[int] | None:
+        if first is not None:
+            raise ValueError("this log numbers rows from a sequence: it takes no first seq")
         rows = conform(rows)
         records = rows.to_pylist()
         for rec in records:
@@ -783,6 +830,12 @@ class PostgresEventLog:
 
     def next_seq(self) -> None:
         return None  # a sequence numbers the rows
+
+    def reserve(self, count: int) -> None:
+        return None
+
+    def reserve_through(self, seq: int) -> None:
+        return None
 
     def merge_watermark(self) -> int:
         with self._engine.connect() as conn:

@@ -248,6 +248,8 @@ event_inbox = Table(
     Column("source", String(100), nullable=False),
     Column("previous_id", String(255)),
     Column("group_id", String(255)),
+    # the log seq the embedded mover folded the row with, until it is appended (see mover)
+    Column("log_seq", Big),
     Index("ix_event_inbox_profile", "workspace_id", "profile_id"),
     sqlite_autoincrement=True,
 )
