@@ -67,12 +67,13 @@ from waymark.segmentation.lang.check import check, expand, references
 from waymark.segmentation.lang.jsonform import from_json
 from waymark.storage.database import streaming_lock
 from waymark.storage.eventlog import EventLog, pg_histories
+from waymark.storage.hotpath import fetch_rows
 from waymark.storage.tables import (
     audience_changes,
     audience_members,
     audiences,
-    consents,
     profiles,
+    read_time,
     stream_recheck,
     stream_states,
 )
@@ -384,34 +385,47 @@ def _chunks(items: Sequence[str], size: int = 900) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
+def _marks(conn: Connection, count: int) -> str:
+    """``count`` parameter marks of the connection's driver, comma-separated."""
+    return ", ".join(["%s" if conn.dialect.name == "postgresql" else "?"] * count)
+
+
 def _load_rows(
     conn: Connection, workspace_id: str, ids: Sequence[str]
 ) -> dict[str, tuple[dict[str, Any], datetime | None]]:
+    """The state rows of ``ids``: ``(states, seen)`` by profile (on the driver's cursor: the
+    mover reads these every round)."""
     found: dict[str, tuple[dict[str, Any], datetime | None]] = {}
     for part in _chunks(ids):
-        for pid, states, seen in conn.execute(
-            select(stream_states.c.profile_id, stream_states.c.states, stream_states.c.seen).where(
-                stream_states.c.workspace_id == workspace_id,
-                stream_states.c.profile_id.in_(list(part)),
-            )
+        for pid, states, seen in fetch_rows(
+            conn,
+            "SELECT profile_id, states, seen FROM stream_states WHERE workspace_id = "
+            f"{_marks(conn, 1)} AND profile_id IN ({_marks(conn, len(part))})",
+            [workspace_id, *part],
         ):
-            found[pid] = (orjson.loads(states), seen)
+            found[pid] = (orjson.loads(states), None if seen is None else read_time(seen))
     return found
 
 
 def _load_profiles(conn: Connection, workspace_id: str, ids: Sequence[str]) -> dict[str, _Profile]:
+    """Attributes, consents and ``updated_at`` of the profiles ``ids`` that exist (on the
+    driver's cursor, as :func:`_load_rows`)."""
     found: dict[str, _Profile] = {}
     for part in _chunks(ids):
-        for pid, attributes, updated_at in conn.execute(
-            select(profiles.c.id, profiles.c.attributes, profiles.c.updated_at).where(
-                profiles.c.workspace_id == workspace_id, profiles.c.id.in_(list(part))
-            )
+        marks = f"{_marks(conn, 1)} AND {{}} IN ({_marks(conn, len(part))})"
+        for pid, stored, updated_at in fetch_rows(
+            conn,
+            "SELECT id, attributes, updated_at FROM profiles WHERE workspace_id = "
+            + marks.format("id"),
+            [workspace_id, *part],
         ):
-            found[pid] = _Profile(attributes or {}, {}, updated_at)
-        for pid, channel, purpose, status in conn.execute(
-            select(
-                consents.c.profile_id, consents.c.channel, consents.c.purpose, consents.c.status
-            ).where(consents.c.workspace_id == workspace_id, consents.c.profile_id.in_(list(part)))
+            attributes = orjson.loads(stored) if isinstance(stored, str | bytes) else stored
+            found[pid] = _Profile(attributes or {}, {}, read_time(updated_at))
+        for pid, channel, purpose, status in fetch_rows(
+            conn,
+            "SELECT profile_id, channel, purpose, status FROM consents WHERE workspace_id = "
+            + marks.format("profile_id"),
+            [workspace_id, *part],
         ):
             profile = found.get(pid)
             if profile is not None:
@@ -748,9 +762,10 @@ def _write(conn: Connection, work: FoldWork, *, now: datetime) -> tuple[int, int
         entering = []
         leaving: dict[str, list[str]] = defaultdict(list)
         changes = []
-        for (aid, pid), member in sorted(answers.items()):
-            held = (aid, pid) in current
-            if member and not held:
+        # only the answers that differ from the membership, in a stable order
+        flips = sorted(key for key, member in answers.items() if bool(member) != (key in current))
+        for aid, pid in flips:
+            if (aid, pid) not in current:
                 entering.append(
                     {
                         "workspace_id": ws,
@@ -762,7 +777,7 @@ def _write(conn: Connection, work: FoldWork, *, now: datetime) -> tuple[int, int
                     }
                 )
                 changes.append((aid, pid, "realized"))
-            elif held and not member:
+            else:
                 leaving[aid].append(pid)
                 changes.append((aid, pid, "exited"))
         ins = _upsert(conn)(audience_members)
