@@ -59,8 +59,12 @@ class Hub:
                 if not self.settings.shared_event_log:
                     # numbers the mover folded inbox rows with before a restart, not yet
                     # appended: no other append may take them
-                    with self.engine.connect() as conn:
-                        folded = conn.execute(select(func.max(event_inbox.c.log_seq))).scalar()
+                    try:
+                        with self.engine.connect() as conn:
+                            folded = conn.execute(select(func.max(event_inbox.c.log_seq))).scalar()
+                    except BaseException:
+                        opened.close()
+                        raise
                     if folded is not None:
                         opened.reserve_through(int(folded))
                 self._events = opened

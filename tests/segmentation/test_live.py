@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -623,13 +622,6 @@ def test_a_history_read_appends_the_batch_first(hub: Hub, monkeypatch: pytest.Mo
     ws = _workspace(hub)
     _save(hub, ws, "big basket", "avg(purchase.revenue within last 30 days) > 25")
     flush_once(hub)
-    real = hub.events.append_numbered
-
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(0.2)  # a slow append is still waited for
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hub.events, "append_numbered", slow)
     _send(hub, ws, *[_buy("ann", revenue=r) for r in (100.0, 10.0, 10.0, 10.0, 10.0)])
     flush_once(hub)
     assert _members(hub, ws, "big basket") == {_pid(hub, ws, "ann")}  # avg 28 over all five
@@ -683,6 +675,37 @@ def test_an_import_between_the_fold_and_the_append_takes_later_numbers(
     assert kept[1] == logged[0] < taken[0][0] == logged[1]
     assert _users(hub, ws, "last shoes", "ann") == {"ann"}
     assert hub.events.next_seq() == logged[1] + 1
+
+
+def _read_inbox(hub: Hub) -> list[Any]:
+    """The inbox as the mover reads it."""
+    with hub.engine.connect() as conn:
+        return fetch_rows(
+            conn, f"SELECT {', '.join(INBOX_COLUMNS)}, log_seq, seq FROM event_inbox ORDER BY seq"
+        )
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["stamped", "history-read"])
+def test_a_batch_another_mover_took_first_is_not_folded_again(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch, capped: bool
+) -> None:
+    """Two movers read the same batch (two hubs of one process on one log): the second one
+    writes nothing, whether the first one stamped the rows or (a history read) appended them
+    first and deleted them."""
+    _embedded_only(hub)
+    if capped:
+        _cap_states_at_three_events(monkeypatch)
+    ws = _workspace(hub)
+    _save(hub, ws, "exactly five", "count(purchase) = 5")
+    flush_once(hub)
+    _send(hub, ws, *[_buy("ann") for _ in range(5)])
+    rows = _read_inbox(hub)
+    upto = int(rows[-1][-1])
+    first = mover._move_folding(hub.engine, hub.events, live.Folder(hub), rows, upto=upto)
+    again = mover._move_folding(hub.engine, hub.events, live.Folder(hub), rows, upto=upto)
+    assert (first, again) == (True, False)
+    assert hub.events.count(ws) == 5 and _inbox(hub) == []
+    assert _members(hub, ws, "exactly five") == {_pid(hub, ws, "ann")}  # not ten
 
 
 class _Crash(Exception):

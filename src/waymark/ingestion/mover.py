@@ -89,25 +89,33 @@ def _commit_moved(
         conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
 
 
+class _Taken(Exception):
+    """Another mover took the batch first (its rows were stamped, appended or deleted)."""
+
+
 class _Append:
     """The log append of one moved batch, with numbers the log reserved for it: run once,
-    when the fold's history read needs the batch in the log, or after the fold commits."""
+    when the fold's history read needs the batch in the log, or after the fold commits.
+    ``taken``: the log's marker said the batch was appended already (by another mover)."""
 
     def __init__(self, events: EventLog, table: pa.Table, *, upto: int, first: int) -> None:
         self.events, self.table, self.upto, self.first = events, table, upto, first
-        self.done = False
+        self.done = self.taken = False
 
     def __call__(self) -> None:
         if not self.done:
-            self.events.append_numbered(self.table, marker=("inbox", self.upto), first=self.first)
-            self.done = True
+            given = self.events.append_numbered(
+                self.table, marker=("inbox", self.upto), first=self.first
+            )
+            self.done, self.taken = True, given is None
 
 
 def _move_folding(
     engine: Engine, events: EventLog, folder: Folder, rows: list[tuple[Any, ...]], *, upto: int
 ) -> bool:
     """Move and fold inbox ``rows`` (up to inbox seq ``upto``); False when the log already
-    held them (a crash to recover from: read the inbox again).
+    held them or another mover took them first (nothing was written: read the inbox
+    again).
 
     Embedded: the fold is computed with numbers the log reserves for the batch and committed
     first, each folded inbox row keeping its number (``log_seq``), so memberships change
@@ -127,17 +135,24 @@ def _move_folding(
     append = _Append(events, table, upto=upto, first=first)
     with engine.connect() as conn:
         prepared = folder.prepare(conn, _moved(table, seqs), log_ready=append)
-    with write_tx(engine) as conn:
-        folder.commit(conn, prepared)
-        if append.done:
-            conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
-        else:
-            raw = conn.connection.driver_connection
-            assert raw is not None
-            raw.executemany(  # compiled once, bound per row
-                "UPDATE event_inbox SET log_seq = ? WHERE seq = ?",
-                [(seq, int(row[-1])) for seq, row in zip(seqs, rows, strict=True)],
-            )
+    if append.taken:
+        return False
+    try:
+        with write_tx(engine) as conn:
+            folder.commit(conn, prepared)
+            if append.done:
+                conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+            else:
+                raw = conn.connection.driver_connection
+                assert raw is not None
+                stamped = raw.executemany(  # compiled once, bound per row
+                    "UPDATE event_inbox SET log_seq = ? WHERE seq = ? AND log_seq IS NULL",
+                    [(seq, int(row[-1])) for seq, row in zip(seqs, rows, strict=True)],
+                )
+                if stamped.rowcount != len(rows):  # the fold is rolled back with the stamps
+                    raise _Taken
+    except _Taken:
+        return False
     if not append.done:
         append()
         with write_tx(engine) as conn:

@@ -30,5 +30,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("event_inbox") as batch:
-        batch.drop_column("log_seq")
+    stamped = op.get_bind().execute(
+        sa.text("SELECT count(*) FROM event_inbox WHERE log_seq IS NOT NULL")
+    ).scalar()
+    if stamped:
+        raise RuntimeError(
+            f"{stamped} inbox rows are folded and not yet in the event log: run the mover "
+            "(`waymark flush`) on this version before downgrading"
+        )
+    # a plain DROP COLUMN (SQLite 3.35+): a batch copy would drop the table's AUTOINCREMENT
+    op.drop_column("event_inbox", "log_seq")
