@@ -17,7 +17,7 @@ from waymark.core.errors import Conflict, InvalidInput
 from waymark.core.ids import new_id
 from waymark.delivery import store
 from waymark.delivery.outbox import Outbox, SendIntent, Source, read_content
-from waymark.delivery.rules import Hold, Send
+from waymark.delivery.rules import Exclude, Hold, Reason, Send
 from waymark.storage.tables import message_events, messages, push_subscriptions
 
 WELCOME = {
@@ -211,6 +211,47 @@ def test_caps_count_across_sources_and_a_rule_change_applies_to_the_next_message
         "tight",
         2,
     )
+
+
+def _redecide(shop: Shop, outbox: Outbox, message_id: str) -> Any:
+    with shop.hub.tx() as conn:
+        row = dict(_row(shop, message_id)._mapping)
+        return outbox.redecide(conn, shop.ws, [row], now=shop.hub.clock.now())[message_id]
+
+
+def test_send_time_decisions_read_rules_changed_since_the_last_one(shop: Shop) -> None:
+    """At send time the outbox reads the rules' version with the facts, in one statement,
+    counting messages as far back as the rules it read last ask; a new version (here a longer
+    cap window) is read first, and its window counts. Suppressions read in that statement
+    exclude too."""
+    _templates(shop)
+    outbox = Outbox()
+    _rules(shop, {"caps": [{"name": "hourly", "channel": "email", "limit": 1, "per": "1h"}]})
+    first = _send(shop, outbox, "ann", "w1")
+    assert first.status == "queued"
+    shop.hub.clock.advance(timedelta(hours=2))  # type: ignore[attr-defined]
+    later = _send(shop, outbox, "ann", "w2")
+    assert later.status == "queued"
+    assert isinstance(_redecide(shop, outbox, later.message_id), Send)  # "w1" is 2 h old
+    _rules(shop, {"caps": [{"name": "daily", "channel": "email", "limit": 1, "per": "1d"}]})
+    again = _redecide(shop, outbox, later.message_id)
+    assert isinstance(again, Exclude)
+    assert (again.reason, again.rule) == (Reason.FREQUENCY_CAP, "daily")  # "w1" is in a day
+    assert isinstance(_redecide(shop, outbox, later.message_id), Exclude)  # the same version
+    _rules(shop, {})
+    assert isinstance(_redecide(shop, outbox, later.message_id), Send)
+    with shop.hub.tx() as conn:
+        store.suppress(
+            conn,
+            shop.ws,
+            channel="email",
+            address="ann@example.com",
+            reason="complaint",
+            source="test",
+            now=shop.hub.clock.now(),
+        )
+    suppressed = _redecide(shop, outbox, later.message_id)
+    assert isinstance(suppressed, Exclude) and suppressed.reason is Reason.SUPPRESSED
 
 
 def test_quiet_hours_hold_until_the_window_ends_in_the_recipients_zone(shop: Shop) -> None:

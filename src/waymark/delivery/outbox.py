@@ -31,12 +31,12 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import orjson
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, select
 
 from waymark.core.errors import InvalidInput, Issue, NotFound
 from waymark.core.ids import new_id
@@ -66,6 +66,8 @@ from waymark.delivery.tracking import TrackingKeys
 from waymark.model.schemas import FieldType, Schema, StringFormat
 from waymark.profiles.schema_store import current_schema
 from waymark.storage.hotpath import (
+    DeliveryFacts,
+    fetch_rows,
     insert_messages,
     read_delivery_facts,
     read_delivery_state,
@@ -184,13 +186,15 @@ def cap_locks_of(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
             for w, p in pairs
         }
     )
+    if len(keys) == 1:  # a send-time check: the plainest statement, on the driver's cursor
+        fetch_rows(conn, "SELECT pg_advisory_xact_lock(%s, %s)", (CAP_LOCK_CLASS, keys[0]))
+        return
     for start in range(0, len(keys), _CHUNK):
-        conn.execute(
-            text(
-                "SELECT pg_advisory_xact_lock(:cls, k) FROM unnest(CAST(:keys AS integer[])) "
-                "WITH ORDINALITY AS t(k, n) ORDER BY n"
-            ),
-            {"cls": CAP_LOCK_CLASS, "keys": keys[start : start + _CHUNK]},
+        fetch_rows(
+            conn,
+            "SELECT pg_advisory_xact_lock(%s, k) FROM unnest(CAST(%s AS integer[])) "
+            "WITH ORDINALITY AS t(k, n) ORDER BY n",
+            (CAP_LOCK_CLASS, keys[start : start + _CHUNK]),
         )
 
 
@@ -248,7 +252,7 @@ class _Facts:
 class Outbox:
     """Writes send intents (:meth:`enqueue`) and decides again at send time (:meth:`redecide`).
 
-    Holds per-process caches only (compiled templates by version, parsed schemas by version):
+    Holds per-process caches only (compiled templates, parsed schemas and rules, by version):
     every decision reads the rules, consents, suppressions and caps of its own transaction.
     ``public_url`` is where this hub's tracking endpoints are reached (unsubscribe links)."""
 
@@ -260,6 +264,9 @@ class Outbox:
         ] = {}
         self._schemas: dict[tuple[str, int], Schema] = {}
         self._rules: dict[tuple[str, int], Rules] = {}
+        #: per workspace, the rules version last read and its longest cap window (how far
+        #: back messages count): lets a decision at send time read all it needs at once
+        self._longest: dict[str, tuple[int, timedelta | None]] = {}
 
     def unsubscribe_url(
         self,
@@ -349,6 +356,10 @@ class Outbox:
                 self._schemas.clear()
             self._schemas[(workspace_id, schema_version)] = schema
         zone = str(settings.get("time_zone", "UTC"))
+        self._longest[workspace_id] = (
+            rules_version,
+            max((cap.per for cap in rules.caps), default=None),
+        )
         return _State(name, zone, rules, rules_version, schema_version, schema)
 
     def _templates(
@@ -403,17 +414,56 @@ class Outbox:
         longest = max((cap.per for cap in rules.caps), default=None)
         since = None if longest is None else now - longest
         for start in range(0, len(ids), _CHUNK):
-            found, given_rows, counted = read_delivery_facts(
-                conn, workspace_id, ids[start : start + _CHUNK], since
+            _add_facts(
+                read_delivery_facts(conn, workspace_id, ids[start : start + _CHUNK], since),
+                attributes,
+                given,
+                sent,
             )
-            attributes.update(found)
-            for profile_id, channel, purpose, status in given_rows:
-                given[profile_id][(channel, purpose)] = status
-            for message_id, profile_id, channel, purpose, transactional, at in counted:
-                sent[profile_id].append(
-                    (message_id, SentRecord(at, Channel(channel), purpose, transactional))
-                )
         return _Facts(attributes, dict(given), dict(sent), {})
+
+    def _facts_and_state(
+        self,
+        conn: Connection,
+        workspace_id: str,
+        profile_ids: Sequence[str],
+        wanted: set[tuple[str, str]],
+        now: datetime,
+    ) -> tuple[_State, _Facts]:
+        """The state, the facts of ``profile_ids`` and the suppressions among ``wanted``, in
+        one statement when the workspace's rules are known to this outbox by version (their
+        longest cap says how far back messages count) and the sets are small; else as
+        :meth:`_state`, :meth:`_facts` and :meth:`_load_suppressed` read them."""
+        ids = sorted(set(profile_ids))
+        known = self._longest.get(workspace_id)
+        if known is not None and len(ids) <= _CHUNK and len(wanted) <= _CHUNK:
+            version, longest = known
+            got = read_delivery_facts(
+                conn,
+                workspace_id,
+                ids,
+                None if longest is None else now - longest,
+                suppressed=sorted(wanted),
+                with_state=True,
+            )
+            if got.state is None:
+                raise NotFound(f"no workspace {workspace_id!r}")
+            name, settings, rules_version, schema_version = got.state
+            rules = self._rules.get((workspace_id, rules_version))
+            schema = self._schemas.get((workspace_id, schema_version))
+            if rules_version == version and rules is not None and schema is not None:
+                attributes: dict[str, dict[str, Any]] = {}
+                given: dict[str, dict[tuple[str, str], str]] = defaultdict(dict)
+                sent: dict[str, list[tuple[str, SentRecord]]] = defaultdict(list)
+                _add_facts(got, attributes, given, sent)
+                zone = str(settings.get("time_zone", "UTC"))
+                state = _State(name, zone, rules, rules_version, schema_version, schema)
+                return state, _Facts(attributes, dict(given), dict(sent), dict(got.suppressed))
+        # the rules changed (or were never read here): read them first
+        state = self._state(conn, workspace_id)
+        facts = self._facts(conn, workspace_id, ids, state.rules, now)
+        self._load_suppressed(conn, workspace_id, facts, wanted)
+        return state, facts
 
     def _load_suppressed(
         self, conn: Connection, workspace_id: str, facts: _Facts, wanted: set[tuple[str, str]]
@@ -708,17 +758,16 @@ class Outbox:
             return {}
         if not locked:  # else the caller holds them (waymark.delivery.dispatcher)
             cap_locks(conn, workspace_id, (m["profile_id"] for m in claimed))
-        state = self._state(conn, workspace_id)
+        state, facts = self._facts_and_state(
+            conn,
+            workspace_id,
+            [m["profile_id"] for m in claimed],
+            {(m["channel"], m["to_address"]) for m in claimed if m["to_address"] is not None},
+            now,
+        )
         ws_zone = state.zone
         where = _Addresses.of(state.schema)
         rules = state.rules
-        facts = self._facts(conn, workspace_id, [m["profile_id"] for m in claimed], rules, now)
-        self._load_suppressed(
-            conn,
-            workspace_id,
-            facts,
-            {(m["channel"], m["to_address"]) for m in claimed if m["to_address"] is not None},
-        )
         out: dict[str, Decision] = {}
         for m in claimed:
             channel = Channel(m["channel"])
@@ -750,6 +799,22 @@ class Outbox:
                     (m["id"], SentRecord(now, channel, m["purpose"], m["transactional"]))
                 )
         return out
+
+
+def _add_facts(
+    got: DeliveryFacts,
+    attributes: dict[str, dict[str, Any]],
+    given: dict[str, dict[tuple[str, str], str]],
+    sent: dict[str, list[tuple[str, SentRecord]]],
+) -> None:
+    """Add what :func:`read_delivery_facts` read to the facts being gathered."""
+    attributes.update(got.attributes)
+    for profile_id, channel, purpose, status in got.consents:
+        given[profile_id][(channel, purpose)] = status
+    for message_id, profile_id, channel, purpose, transactional, at in got.counted:
+        sent[profile_id].append(
+            (message_id, SentRecord(at, Channel(channel), purpose, transactional))
+        )
 
 
 def _suppressed_on(facts: _Facts, channel: Channel) -> Mapping[str, str]:

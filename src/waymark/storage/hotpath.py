@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import Connection
@@ -421,50 +421,92 @@ def read_delivery_state(
     return name, _json(settings) or {}, int(version or 0), _json(document), int(schema_version or 0)
 
 
+class DeliveryFacts(NamedTuple):
+    """What :func:`read_delivery_facts` read."""
+
+    #: attributes by profile id
+    attributes: dict[str, dict[str, Any]]
+    #: ``(profile, channel, purpose, status)``
+    consents: list[tuple[str, str, str, str]]
+    #: ``(id, profile, channel, purpose, transactional, counted_at)``
+    counted: list[tuple[str, str, str, str, bool, datetime]]
+    #: reasons by ``(channel, address)`` of the suppressed among those asked for
+    suppressed: dict[tuple[str, str], str]
+    #: asked for: ``(name, settings, rules version (0: none saved), schema version (0))``;
+    #: None if not asked for or the workspace is unknown
+    state: tuple[str, dict[str, Any], int, int] | None
+
+
 def read_delivery_facts(
-    conn: Connection, workspace_id: str, profile_ids: Sequence[str], counted_since: datetime | None
-) -> tuple[
-    dict[str, dict[str, Any]],
-    list[tuple[str, str, str, str]],
-    list[tuple[str, str, str, str, bool, datetime]],
-]:
-    """For ``profile_ids`` (at most a few hundred): their attributes by id, their consents
-    ``(profile, channel, purpose, status)`` and, unless ``counted_since`` is None, the messages
-    counting toward caps since then ``(id, profile, channel, purpose, transactional,
-    counted_at)``."""
-    if not profile_ids:
-        return {}, [], []
+    conn: Connection,
+    workspace_id: str,
+    profile_ids: Sequence[str],
+    counted_since: datetime | None,
+    *,
+    suppressed: Sequence[tuple[str, str]] = (),
+    with_state: bool = False,
+) -> DeliveryFacts:
+    """For ``profile_ids`` (at most a few hundred): their attributes, their consents and,
+    unless ``counted_since`` is None, the messages counting toward caps since then; which of
+    the ``(channel, address)`` pairs ``suppressed`` (at most a few hundred) are suppressed;
+    and with ``with_state``, the workspace's state as :func:`read_delivery_state` reads it but
+    the rules document. One statement: on PostgreSQL each is a round trip."""
     m = _marks(conn)
-    marks = ", ".join([m] * len(profile_ids))
-    params: tuple[Any, ...] = (workspace_id, *profile_ids)
-    # one statement (on PostgreSQL each is a round trip): kind, then the columns of each kind
     pg = conn.dialect.name == "postgresql"
     flag, when = ("CAST(NULL AS BOOLEAN)", "CAST(NULL AS TIMESTAMPTZ)") if pg else ("NULL", "NULL")
-    sql = (
-        f"SELECT 'p', id, CAST(attributes AS TEXT), NULL, NULL, {flag}, {when} FROM profiles "
-        f"WHERE workspace_id = {m} AND id IN ({marks}) "
-        f"UNION ALL SELECT 'c', profile_id, channel, purpose, status, {flag}, {when} "
-        f"FROM consents WHERE workspace_id = {m} AND profile_id IN ({marks})"
-    )
-    values = params + params
-    if counted_since is not None:
-        sql += (
-            " UNION ALL SELECT 'm', profile_id, id, channel, purpose, transactional, counted_at "
-            f"FROM messages WHERE workspace_id = {m} AND profile_id IN ({marks}) "
-            f"AND counted_at > {m}"
+    # kind, then the columns of each kind
+    parts: list[str] = []
+    values: list[Any] = []
+    if profile_ids:
+        marks = ", ".join([m] * len(profile_ids))
+        params = (workspace_id, *profile_ids)
+        parts += [
+            f"SELECT 'p', id, CAST(attributes AS TEXT), NULL, NULL, {flag}, {when} FROM profiles "
+            f"WHERE workspace_id = {m} AND id IN ({marks})",
+            f"SELECT 'c', profile_id, channel, purpose, status, {flag}, {when} "
+            f"FROM consents WHERE workspace_id = {m} AND profile_id IN ({marks})",
+        ]
+        values += [*params, *params]
+        if counted_since is not None:
+            parts.append(
+                "SELECT 'm', profile_id, id, channel, purpose, transactional, counted_at "
+                f"FROM messages WHERE workspace_id = {m} AND profile_id IN ({marks}) "
+                f"AND counted_at > {m}"
+            )
+            values += [*params, time_converter(conn)(counted_since)]
+    if suppressed:
+        pairs = ", ".join([f"({m}, {m})"] * len(suppressed))
+        parts.append(
+            f"SELECT 's', channel, address, reason, NULL, {flag}, {when} FROM suppressions "
+            f"WHERE workspace_id = {m} AND (channel, address) IN (VALUES {pairs})"
         )
-        values += (*params, time_converter(conn)(counted_since))
+        values += [workspace_id, *(item for pair in suppressed for item in pair)]
+    if with_state:
+        parts.append(
+            "SELECT 'w', w.name, CAST(w.settings AS TEXT), CAST(r.version AS TEXT), "
+            "CAST((SELECT max(s.version) FROM schemas s WHERE s.workspace_id = w.id) AS TEXT), "
+            f"{flag}, {when} FROM workspaces w LEFT JOIN delivery_rules r "
+            f"ON r.workspace_id = w.id WHERE w.id = {m}"
+        )
+        values.append(workspace_id)
     attributes: dict[str, dict[str, Any]] = {}
     consents: list[tuple[str, str, str, str]] = []
     counted: list[tuple[str, str, str, str, bool, datetime]] = []
-    for kind, profile_id, a, b, c, transactional, at in fetch_rows(conn, sql, values):
+    found: dict[tuple[str, str], str] = {}
+    state: tuple[str, dict[str, Any], int, int] | None = None
+    rows = fetch_rows(conn, " UNION ALL ".join(parts), values) if parts else []
+    for kind, first, a, b, c, transactional, at in rows:
         if kind == "p":
-            attributes[profile_id] = _json(a) or {}
+            attributes[first] = _json(a) or {}
         elif kind == "c":
-            consents.append((profile_id, a, b, c))
+            consents.append((first, a, b, c))
+        elif kind == "m":
+            counted.append((a, first, b, c, bool(transactional), read_time(at)))
+        elif kind == "s":
+            found[(first, a)] = b
         else:
-            counted.append((a, profile_id, b, c, bool(transactional), read_time(at)))
-    return attributes, consents, counted
+            state = (first, _json(a) or {}, int(b or 0), int(c or 0))
+    return DeliveryFacts(attributes, consents, counted, found, state)
 
 
 def read_suppressed(
