@@ -30,9 +30,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    stamped = op.get_bind().execute(
-        sa.text("SELECT count(*) FROM event_inbox WHERE log_seq IS NOT NULL")
-    ).scalar()
+    stamped = (
+        op.get_bind()
+        .execute(sa.text("SELECT count(*) FROM event_inbox WHERE log_seq IS NOT NULL"))
+        .scalar()
+    )
     if stamped:
         raise RuntimeError(
             f"{stamped} inbox rows are folded and not yet in the event log: run the mover "
