@@ -16,7 +16,7 @@ from waymark.access import service as access
 from waymark.core.clock import ManualClock
 from waymark.hub import Hub
 from waymark.ingestion import mover
-from waymark.ingestion.mover import _rows_to_arrow
+from waymark.ingestion.mover import _rows_to_arrow, flush_hub
 from waymark.ingestion.pipeline import Ingestor
 from waymark.model.events import Identity
 from waymark.profiles import service as profiles
@@ -275,6 +275,37 @@ def test_builds_proceed_in_chunks(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> 
     assert len(_members(hub, ws, "buyers")) == 13
     with hub.engine.connect() as conn:
         assert segments.get_audience(conn, ws, "buyers").stream == "ready"
+
+
+def test_profiles_created_during_a_build_are_kept_from_their_first_event(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build goes up to the newest profile when it began; a profile created since has no
+    history to build, so its memberships follow its events at once, not once the build
+    reaches it."""
+    ws = _workspace(hub)
+    _send(hub, ws, *[_buy(f"u{i}") for i in range(12)])
+    flush_once(hub)
+    monkeypatch.setattr(live, "CHUNK", 5)
+    _save(hub, ws, "one purchase", "count(purchase) = 1")
+    with hub.mover_lock:
+        assert live.maintain(hub, recheck_upto=0)["built"] == 5
+        _send(hub, ws, _buy("newcomer"), _buy("u11"))
+        flush_hub(hub)  # moved and folded, the build not advanced
+        assert _users(hub, ws, "one purchase", "newcomer", "u11") == {"newcomer"}
+        with hub.engine.connect() as conn:
+            audience = segments.get_audience(conn, ws, "one purchase")
+            status = live.stream_status(conn, ws, audience.id)
+        assert status == {"state": "building", "profiles_done": 6, "profiles": 13}
+        assert live.maintain(hub, recheck_upto=0)["built"] == 5
+        assert live.maintain(hub, recheck_upto=0)["built"] == 2  # the twelve, not the newcomer
+    members = _users(hub, ws, "one purchase", *[f"u{i}" for i in range(12)], "newcomer")
+    assert members == {f"u{i}" for i in range(11)} | {"newcomer"}  # u11 bought twice
+    with hub.engine.connect() as conn:
+        assert segments.get_audience(conn, ws, "one purchase").stream == "ready"
+    _send(hub, ws, _buy("newcomer"))
+    flush_once(hub)
+    assert _users(hub, ws, "one purchase", "newcomer") == set()
 
 
 def test_short_upkeep_rounds_let_events_through_between_them(hub: Hub, clock: ManualClock) -> None:

@@ -133,12 +133,19 @@ class Live:
     built_key: str | None
     through: str | None
     ready: bool
+    #: the newest profile id when the build began (None: a build begun before frontiers):
+    #: profiles created since have nothing to build, and are kept up to date from the start
+    frontier: str | None = None
 
     def covers(self, profile_id: str) -> bool:
         """Whether this profile's state for the audience is built (so it is kept up to date)."""
         if self.built_key != self.compiled.key:
             return False
-        return self.ready or (self.through is not None and profile_id <= self.through)
+        return (
+            self.ready
+            or (self.through is not None and profile_id <= self.through)
+            or (self.frontier is not None and profile_id > self.frontier)
+        )
 
 
 _compiled: dict[tuple[str, str], tuple[StreamingAudience, CompiledAudience]] = {}
@@ -155,6 +162,7 @@ _LIGHT = (
     audiences.c.stream_key,
     audiences.c.stream_through,
     audiences.c.stream_ready,
+    audiences.c.stream_frontier,
 )
 
 
@@ -298,6 +306,7 @@ def live_audiences(conn: Connection, workspace_id: str) -> list[Live]:
                 built_key=row.stream_key,
                 through=row.stream_through,
                 ready=bool(row.stream_ready) and row.stream_key == compiled[0].key,
+                frontier=row.stream_frontier,
             )
         )
     if len(_lives) > 256:
@@ -320,9 +329,12 @@ def stream_status(conn: Connection, workspace_id: str, audience_id: str) -> dict
     """How far the streaming states of an audience are built: ``ready`` (kept up to date event
     by event), ``building`` (with the share of profiles done) or ``pending``."""
     row = conn.execute(
-        select(audiences.c.stream_key, audiences.c.stream_through, audiences.c.stream_ready).where(
-            audiences.c.id == audience_id
-        )
+        select(
+            audiences.c.stream_key,
+            audiences.c.stream_through,
+            audiences.c.stream_ready,
+            audiences.c.stream_frontier,
+        ).where(audiences.c.id == audience_id)
     ).first()
     if row is None or row.stream_key is None:
         return {"state": "pending"}
@@ -337,6 +349,12 @@ def stream_status(conn: Connection, workspace_id: str, audience_id: str) -> dict
             select(func.count())
             .select_from(profiles)
             .where(profiles.c.workspace_id == workspace_id, profiles.c.id <= row.stream_through)
+        ).scalar_one()
+    if row.stream_frontier is not None:  # created since the build began: kept from the start
+        done += conn.execute(
+            select(func.count())
+            .select_from(profiles)
+            .where(profiles.c.workspace_id == workspace_id, profiles.c.id > row.stream_frontier)
         ).scalar_one()
     return {"state": "building", "profiles_done": int(done), "profiles": int(total)}
 
@@ -1084,28 +1102,42 @@ def _builds(hub: Hub, folder: Folder, now: datetime) -> int:
             pending = [a for a in lives if not (a.ready and a.built_key == a.compiled.key)]
             if not pending:
                 continue
-            # restart those whose definition changed; build the furthest-behind group first
-            for a in pending:
-                if a.built_key != a.compiled.key:
+            # restart those whose definition changed, up to the newest profile now (those
+            # created later are kept up to date from their first event); build the
+            # furthest-behind group first
+            restarted = [a for a in pending if a.built_key != a.compiled.key]
+            if restarted:
+                newest = conn.execute(
+                    select(func.max(profiles.c.id)).where(profiles.c.workspace_id == ws)
+                ).scalar()
+                for a in restarted:
                     conn.execute(
                         update(audiences)
                         .where(audiences.c.id == a.id)
-                        .values(stream_key=a.compiled.key, stream_through=None, stream_ready=False)
+                        .values(
+                            stream_key=a.compiled.key,
+                            stream_through=None,
+                            stream_ready=False,
+                            # "" with no profile yet: every profile is newer
+                            stream_frontier=newest or "",
+                        )
                     )
             lives = live_audiences(conn, ws)
             pending = [a for a in lives if not a.ready]
             if not pending:
                 continue
-            through = min(a.through or "" for a in pending)
-            group = [a for a in pending if (a.through or "") == through]
-            ids = list(
-                conn.execute(
-                    select(profiles.c.id)
-                    .where(profiles.c.workspace_id == ws, profiles.c.id > through)
-                    .order_by(profiles.c.id)
-                    .limit(CHUNK)
-                ).scalars()
+
+            def place(a: Live) -> tuple[str, str]:
+                return a.through or "", a.frontier or "~"
+
+            through, frontier = min(place(a) for a in pending)
+            group = [a for a in pending if place(a) == (through, frontier)]
+            query = select(profiles.c.id).where(
+                profiles.c.workspace_id == ws, profiles.c.id > through
             )
+            if frontier != "~":  # (a frontier of a build begun before frontiers: none)
+                query = query.where(profiles.c.id <= frontier)
+            ids = list(conn.execute(query.order_by(profiles.c.id).limit(CHUNK)).scalars())
             reader = folder.history_reader(conn)
             if ids:
                 built = {a.id for a in group}

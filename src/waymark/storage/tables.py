@@ -308,9 +308,12 @@ audiences = Table(
     Column("last_run_at", UtcDateTime),
     # streaming audiences: the key of the compiled definition (expanded) whose states are being
     # or have been built, how far the build has gone (profile id), and whether it is complete;
-    # a NULL key asks ``waymark serve`` to rebuild (see waymark.segmentation.live)
+    # a NULL key asks ``waymark serve`` to rebuild (see waymark.segmentation.live); the
+    # frontier is the newest profile id when the build began: newer profiles are kept up to
+    # date from their first event, the build goes no further
     Column("stream_key", String(64)),
     Column("stream_through", Id),
+    Column("stream_frontier", Id),
     Column("stream_ready", Boolean, nullable=False, default=False, server_default=false()),
     UniqueConstraint("workspace_id", "name"),
 )
