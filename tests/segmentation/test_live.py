@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from waymark.access import service as access
 from waymark.core.clock import ManualClock
@@ -24,7 +25,13 @@ from waymark.profiles.schema_store import save_schema
 from waymark.segmentation import live
 from waymark.segmentation import service as segments
 from waymark.storage.hotpath import INBOX_COLUMNS, fetch_rows
-from waymark.storage.tables import audience_changes, stream_recheck, stream_states
+from waymark.storage.tables import (
+    audience_changes,
+    audiences,
+    imports,
+    stream_recheck,
+    stream_states,
+)
 from waymark.workers import flush_once, stream_once
 
 SCHEMA = json.loads(
@@ -306,6 +313,38 @@ def test_profiles_created_during_a_build_are_kept_from_their_first_event(
     _send(hub, ws, _buy("newcomer"))
     flush_once(hub)
     assert _users(hub, ws, "one purchase", "newcomer") == set()
+
+
+def test_a_build_begun_during_a_file_import_has_no_frontier(hub: Hub) -> None:
+    """Profiles a running import creates get their events through the log, not the inbox:
+    a build begun meanwhile must reach them, so it takes no frontier."""
+    ws = _workspace(hub)
+    _send(hub, ws, _buy("ann"))
+    flush_once(hub)
+    now = hub.clock.now()
+    with hub.tx() as conn:
+        conn.execute(
+            insert(imports).values(
+                id="imp1",
+                workspace_id=ws,
+                kind="events",
+                file_name="e.csv",
+                file_sha256="0" * 64,
+                status="running",
+                started_at=now,
+                actor="t",
+            )
+        )
+    _save(hub, ws, "buyers", "purchase")
+    with hub.mover_lock:
+        live.maintain(hub, recheck_upto=0)
+    with hub.engine.connect() as conn:
+        frontier = conn.execute(
+            select(audiences.c.stream_frontier).where(audiences.c.workspace_id == ws)
+        ).scalar_one()
+        [buyers] = live.live_audiences(conn, ws)
+    assert frontier is None and buyers.ready
+    assert not replace(buyers, ready=False, through="").covers("ffffffff")
 
 
 def test_short_upkeep_rounds_let_events_through_between_them(hub: Hub, clock: ManualClock) -> None:

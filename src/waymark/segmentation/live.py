@@ -72,6 +72,7 @@ from waymark.storage.tables import (
     audience_changes,
     audience_members,
     audiences,
+    imports,
     profiles,
     read_time,
     stream_recheck,
@@ -233,7 +234,13 @@ def decide_modes(conn: Connection, workspace_id: str, changed: str | None = None
             conn.execute(
                 update(audiences)
                 .where(audiences.c.id == row.id)
-                .values(mode=mode, stream_key=None, stream_through=None, stream_ready=False)
+                .values(
+                    mode=mode,
+                    stream_key=None,
+                    stream_through=None,
+                    stream_ready=False,
+                    stream_frontier=None,
+                )
             )
 
 
@@ -321,7 +328,7 @@ def invalidate(conn: Connection, workspace_id: str) -> None:
     conn.execute(
         update(audiences)
         .where(audiences.c.workspace_id == workspace_id, audiences.c.mode == "streaming")
-        .values(stream_key=None, stream_through=None, stream_ready=False)
+        .values(stream_key=None, stream_through=None, stream_ready=False, stream_frontier=None)
     )
 
 
@@ -1110,6 +1117,15 @@ def _builds(hub: Hub, folder: Folder, now: datetime) -> int:
                 newest = conn.execute(
                     select(func.max(profiles.c.id)).where(profiles.c.workspace_id == ws)
                 ).scalar()
+                # a file import running creates profiles whose events go to the log, not
+                # through the inbox: the build must reach them (its end builds again)
+                importing = conn.execute(
+                    select(imports.c.id)
+                    .where(imports.c.workspace_id == ws, imports.c.status == "running")
+                    .limit(1)
+                ).first()
+                # "" with no profile yet: every profile is newer
+                frontier_now = None if importing is not None else newest or ""
                 for a in restarted:
                     conn.execute(
                         update(audiences)
@@ -1118,8 +1134,7 @@ def _builds(hub: Hub, folder: Folder, now: datetime) -> int:
                             stream_key=a.compiled.key,
                             stream_through=None,
                             stream_ready=False,
-                            # "" with no profile yet: every profile is newer
-                            stream_frontier=newest or "",
+                            stream_frontier=frontier_now,
                         )
                     )
             lives = live_audiences(conn, ws)
@@ -1127,8 +1142,8 @@ def _builds(hub: Hub, folder: Folder, now: datetime) -> int:
             if not pending:
                 continue
 
-            def place(a: Live) -> tuple[str, str]:
-                return a.through or "", a.frontier or "~"
+            def place(a: Live) -> tuple[str, str]:  # "~": no frontier (after every id)
+                return a.through or "", "~" if a.frontier is None else a.frontier
 
             through, frontier = min(place(a) for a in pending)
             group = [a for a in pending if place(a) == (through, frontier)]
