@@ -384,6 +384,39 @@ def test_two_concurrent_senders_never_exceed_a_cap(shop: Shop) -> None:
     assert results == {"first": "queued", "second": "excluded"}
 
 
+def test_two_concurrent_rule_saves_give_two_versions(shop: Shop) -> None:
+    """The first save holds its transaction open; the second waits for it and writes the
+    version after it (deciders keep rules by version: one number, one document)."""
+    _rules(shop, {})  # version 1: both saves below update it
+    saved = threading.Event()
+    versions: dict[str, int] = {}
+
+    def saver(name: str, limit: int) -> None:
+        with shop.hub.tx() as conn:
+            if name == "second":
+                saved.wait(5)
+            document = {"caps": [{"name": name, "channel": "email", "limit": limit, "per": "1d"}]}
+            versions[name] = store.save_rules(
+                conn, shop.ws, document, actor="t", now=shop.hub.clock.now()
+            ).version
+            if name == "first":
+                saved.set()
+                time.sleep(0.5)
+
+    threads = [
+        threading.Thread(target=saver, args=("first", 1)),
+        threading.Thread(target=saver, args=("second", 2)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert versions == {"first": 2, "second": 3}
+    with shop.hub.engine.connect() as conn:
+        current = store.current_rules(conn, shop.ws)
+    assert (current.version, current.rules.caps[0].name) == (3, "second")
+
+
 def test_deciding_again_at_send_time_sees_changes_and_not_the_message_itself(shop: Shop) -> None:
     _templates(shop)
     outbox = Outbox()

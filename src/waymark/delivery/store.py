@@ -32,7 +32,13 @@ from waymark.delivery.templates import (
     parse_template,
 )
 from waymark.profiles.schema_store import current_schema
-from waymark.storage.tables import delivery_rules, suppressions, template_fragments, templates
+from waymark.storage.tables import (
+    delivery_rules,
+    suppressions,
+    template_fragments,
+    templates,
+    workspaces,
+)
 
 __all__ = [
     "SUPPRESSION_REASONS",
@@ -391,6 +397,10 @@ def save_rules(
     """Replace the workspace's rules (checked by :func:`parse_rules`); in force for the next
     decision of any transaction that starts after this one commits."""
     rules = parse_rules(document)
+    # one save of a workspace's rules at a time (PostgreSQL; SQLite serializes writers): two
+    # saves reading the same version would both write the next one, and deciders keep rules
+    # by version
+    conn.execute(select(workspaces.c.id).where(workspaces.c.id == workspace_id).with_for_update())
     old = current_rules(conn, workspace_id)
     values = {
         "document": rules.to_json(),
