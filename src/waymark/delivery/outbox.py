@@ -186,9 +186,6 @@ def cap_locks_of(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
             for w, p in pairs
         }
     )
-    if len(keys) == 1:  # a send-time check: the plainest statement, on the driver's cursor
-        fetch_rows(conn, "SELECT pg_advisory_xact_lock(%s, %s)", (CAP_LOCK_CLASS, keys[0]))
-        return
     for start in range(0, len(keys), _CHUNK):
         fetch_rows(
             conn,
@@ -237,6 +234,20 @@ class _State:
     rules_version: int
     schema_version: int
     schema: Schema
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        settings: Mapping[str, Any],
+        rules: Rules,
+        rules_version: int,
+        schema_version: int,
+        schema: Schema,
+    ) -> _State:
+        """The state from the workspace's row (its time zone read from ``settings``)."""
+        zone = str(settings.get("time_zone", "UTC"))
+        return cls(name, zone, rules, rules_version, schema_version, schema)
 
 
 @dataclass(slots=True)
@@ -355,12 +366,11 @@ class Outbox:
             if len(self._schemas) > 256:
                 self._schemas.clear()
             self._schemas[(workspace_id, schema_version)] = schema
-        zone = str(settings.get("time_zone", "UTC"))
         self._longest[workspace_id] = (
             rules_version,
             max((cap.per for cap in rules.caps), default=None),
         )
-        return _State(name, zone, rules, rules_version, schema_version, schema)
+        return _State.of(name, settings, rules, rules_version, schema_version, schema)
 
     def _templates(
         self, conn: Connection, workspace_id: str, names: set[str], schema: tuple[int, Schema]
@@ -456,8 +466,7 @@ class Outbox:
                 given: dict[str, dict[tuple[str, str], str]] = defaultdict(dict)
                 sent: dict[str, list[tuple[str, SentRecord]]] = defaultdict(list)
                 _add_facts(got, attributes, given, sent)
-                zone = str(settings.get("time_zone", "UTC"))
-                state = _State(name, zone, rules, rules_version, schema_version, schema)
+                state = _State.of(name, settings, rules, rules_version, schema_version, schema)
                 return state, _Facts(attributes, dict(given), dict(sent), dict(got.suppressed))
         # the rules changed (or were never read here): read them first
         state = self._state(conn, workspace_id)

@@ -89,6 +89,12 @@ def _commit_moved(
         conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
 
 
+def _clean(engine: Engine, upto: int) -> None:
+    """Delete the inbox rows up to ``upto``, now in the log (their own transaction)."""
+    with write_tx(engine) as conn:
+        conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+
+
 class _Taken(Exception):
     """Another mover took the batch first (its rows were stamped, appended or deleted)."""
 
@@ -143,7 +149,7 @@ def _move_folding(
             if append.done:
                 conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
             else:
-                raw = conn.connection.driver_connection
+                raw = conn.connection.driver_connection  # SQLite: only its log reserves
                 assert raw is not None
                 stamped = raw.executemany(  # compiled once, bound per row
                     "UPDATE event_inbox SET log_seq = ? WHERE seq = ? AND log_seq IS NULL",
@@ -155,8 +161,7 @@ def _move_folding(
         return False
     if not append.done:
         append()
-        with write_tx(engine) as conn:
-            conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+        _clean(engine, upto)
     return True
 
 
@@ -170,8 +175,7 @@ def _append_folded(engine: Engine, events: EventLog, rows: list[tuple[Any, ...]]
             events.append_numbered(
                 _rows_to_arrow(run), marker=("inbox", upto), first=int(run[0][-2])
             )
-            with write_tx(engine) as conn:
-                conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+            _clean(engine, upto)
             run = []
         if row is not None:
             run.append(row)
@@ -278,8 +282,7 @@ def flush(
             table = _rows_to_arrow(rows)
             if events.append_numbered(table, marker=("inbox", upto)) is None:
                 continue  # appended meanwhile by another mover of this log: recover
-            with write_tx(engine) as conn:
-                conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+            _clean(engine, upto)
         elif not _move_folding(engine, events, folder, rows, upto=upto):
             continue
         moved += len(rows)

@@ -67,7 +67,7 @@ from waymark.segmentation.lang.check import check, expand, references
 from waymark.segmentation.lang.jsonform import from_json
 from waymark.storage.database import streaming_lock
 from waymark.storage.eventlog import EventLog, pg_histories
-from waymark.storage.hotpath import fetch_rows
+from waymark.storage.hotpath import fetch_rows, param_marks
 from waymark.storage.tables import (
     audience_changes,
     audience_members,
@@ -410,11 +410,6 @@ def _chunks(items: Sequence[str], size: int = 900) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
-def _marks(conn: Connection, count: int) -> str:
-    """``count`` parameter marks of the connection's driver, comma-separated."""
-    return ", ".join(["%s" if conn.dialect.name == "postgresql" else "?"] * count)
-
-
 def _load_rows(
     conn: Connection, workspace_id: str, ids: Sequence[str]
 ) -> dict[str, tuple[dict[str, Any], datetime | None]]:
@@ -425,7 +420,7 @@ def _load_rows(
         for pid, states, seen in fetch_rows(
             conn,
             "SELECT profile_id, states, seen FROM stream_states WHERE workspace_id = "
-            f"{_marks(conn, 1)} AND profile_id IN ({_marks(conn, len(part))})",
+            f"{param_marks(conn, 1)} AND profile_id IN ({param_marks(conn, len(part))})",
             [workspace_id, *part],
         ):
             found[pid] = (orjson.loads(states), None if seen is None else read_time(seen))
@@ -437,7 +432,7 @@ def _load_profiles(conn: Connection, workspace_id: str, ids: Sequence[str]) -> d
     driver's cursor, as :func:`_load_rows`)."""
     found: dict[str, _Profile] = {}
     for part in _chunks(ids):
-        marks = f"{_marks(conn, 1)} AND {{}} IN ({_marks(conn, len(part))})"
+        marks = f"{param_marks(conn, 1)} AND {{}} IN ({param_marks(conn, len(part))})"
         for pid, stored, updated_at in fetch_rows(
             conn,
             "SELECT id, attributes, updated_at FROM profiles WHERE workspace_id = "

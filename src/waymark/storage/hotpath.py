@@ -166,6 +166,12 @@ def _marks(conn: Connection) -> str:
     return "%s" if conn.dialect.name == "postgresql" else "?"
 
 
+def param_marks(conn: Connection, count: int) -> str:
+    """``count`` parameter marks of the connection's driver, comma-separated (for statements
+    on the driver's cursor, as :func:`fetch_rows` runs them)."""
+    return ", ".join([_marks(conn)] * count)
+
+
 def _json_mark(conn: Connection) -> str:
     return "%s::jsonb" if conn.dialect.name == "postgresql" else "?"
 
