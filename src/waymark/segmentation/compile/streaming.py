@@ -1252,8 +1252,15 @@ class _SequenceNode(_EventNode):
         if not mask:
             return slot
         bounds = self.bounds
-        kept: list[_Item] = list(slot["b"])
-        insort(kept, [x, event.seq, mask], key=_key)
+        before: list[_Item] = slot["b"]
+        item = [x, event.seq, mask]
+        # the newest kept event (the usual case: events come about in time order)
+        newest = not before or _key(before[-1]) < (x, event.seq)
+        if newest:
+            kept = [*before, item]
+        else:
+            kept = list(before)
+            insort(kept, item, key=_key)
         held: int | None = slot["e"]
         lost: int | None = slot["x"]
         poisoned: bool = slot["z"]
@@ -1264,7 +1271,10 @@ class _SequenceNode(_EventNode):
             poisoned = True  # it may form or break a chain with dropped events
         if self.monotone:
             # Every chain is found when its last event arrives: it starts at most D before it.
-            held = _earliest(held, self._completed_through(kept, x))
+            # The newest event can only be a chain's last step, so one that cannot play the
+            # last step completes no chain.
+            if not newest or mask & self.bits[-1]:
+                held = _earliest(held, self._completed_through(kept, x))
             if held is not None and held <= w:  # a chain that has held holds forever
                 return {"b": [], "e": None, "x": None, "z": False, "d": True, "u": None}
         excess = len(kept) - self.cap
