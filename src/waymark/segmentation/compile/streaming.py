@@ -811,24 +811,37 @@ class _CountNode(_EventNode):
         return {"c": 0, "e": [], "p": [], "u": None}
 
     def add(self, slot: dict[str, Any], event: MemoryEvent, x: int, w: int) -> dict[str, Any]:
-        if self.keep <= 0 or not self.accepts(event, x):
+        if self.by_name_only:
+            if event.name != self.name or self.keep <= 0:
+                return slot
+        elif self.keep <= 0 or not self.accepts(event, x):
             return slot
         bounds = self.bounds
-        if self._simple(slot) and bounds.hi_ok(x, w):
-            # The common case, the same as below: a sliding window with nothing pending or
-            # unknown, and an event that is inside the upper bound now.
-            lo = w + bounds.lo_off  # type: ignore[operator]
-            if x < lo:
-                return slot  # already gone
-            entered: list[_Item] = slot["e"]
-            item = [x, event.seq]
-            if not entered or _key(entered[-1]) <= (x, event.seq):
-                entered = [*entered, item]
-            else:
-                entered = list(entered)
-                insort(entered, item, key=_key)
-            cut = max(bisect_left(entered, lo, key=_stamp), len(entered) - self.keep)
-            return {"c": slot["c"], "e": entered[cut:] if cut else entered, "p": [], "u": None}
+        if self.simple_kind and not slot["p"] and slot["u"] is None:
+            hi_off = bounds.hi_off
+            if hi_off is None or (x < w + hi_off if bounds.hi_off_open else x <= w + hi_off):
+                # The common case, the same as below: a sliding window with nothing pending
+                # or unknown, and an event that is inside the upper bound now.
+                lo = w + bounds.lo_off  # type: ignore[operator]
+                if x < lo:
+                    return slot  # already gone
+                entered: list[_Item] = slot["e"]
+                seq = event.seq
+                keep = self.keep
+                if entered and (entered[-1][0], entered[-1][1]) > (x, seq):
+                    if len(entered) >= keep and (entered[0][0], entered[0][1]) > (x, seq):
+                        return slot  # older than every kept one, and they are enough
+                    entered = list(entered)
+                    insort(entered, [x, seq], key=_key)
+                elif len(entered) < keep:
+                    entered = [*entered, [x, seq]]
+                else:  # the newest: the oldest kept one makes way
+                    entered = [*entered[len(entered) - keep + 1 :], [x, seq]]
+                cut = max(
+                    bisect_left(entered, lo, key=_stamp) if entered[0][0] < lo else 0,
+                    len(entered) - keep,
+                )
+                return {"c": slot["c"], "e": entered[cut:] if cut else entered, "p": [], "u": None}
         counter: int = slot["c"]
         entered = slot["e"]
         pending: list[_Item] = list(slot["p"])
