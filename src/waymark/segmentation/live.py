@@ -674,7 +674,7 @@ def _evaluate_profile(
                     continue
             old = None if entry is None else _entry_state(entry)
             base = old if old is not None and compiled.owns(old) else compiled.new_state()
-            state, member, due = compiled.step(base, new_events if mine else (), asking)
+            state, member, due = compiled.advance(base, new_events if mine else (), asking)
         if member is None:  # past the state's cap: the whole history answers
             member = evaluator._from_history(live, pid, profile)
         answers[(aid, pid)] = member

@@ -869,7 +869,7 @@ class _CountNode(_EventNode):
         if self.keep <= 0:
             return self.op(0.0, self.target), None
         slot = slots[self.index]
-        if not self._simple(slot):
+        if not self.simple_kind or slot["p"] or slot["u"] is not None:
             return self.value(slots, ctx), self.change(slots, ctx)
         # Every kept event is inside the upper bound; they leave oldest first.
         lo_off: int = self.bounds.lo_off  # type: ignore[assignment]
@@ -1545,10 +1545,14 @@ class StreamingAudience:
 
     def owns(self, state: Any) -> bool:
         """Whether ``state`` is a state of this definition (cheaper than :meth:`watermark`)."""
+        if not isinstance(state, dict):
+            return False
+        slots = state.get("n")
         return (
-            isinstance(state, dict)
-            and state.get("f") == self._definition
+            state.get("f") == self._definition
             and state.get("v") == _VERSION
+            and type(slots) is list
+            and len(slots) == len(self._events)
         )
 
     def watermark(self, state: State) -> datetime | None:
@@ -1637,7 +1641,15 @@ class StreamingAudience:
         answer (None: unknown past the cap) and the next change in microseconds (None: never).
         The fast path of the streaming worker: the state is validated once, no instant is
         converted."""
-        slots = self._slots(state)
+        self._slots(state)
+        return self.advance(state, events, asking)
+
+    def advance(
+        self, state: State, events: Iterable[tuple[int, MemoryEvent]], asking: Asking
+    ) -> tuple[State, bool | None, int | None]:
+        """:meth:`step` for a state known to be of this definition (:meth:`owns` said so, or
+        :meth:`new_state` made it): not validated again."""
+        slots: list[Any] = state["n"]
         t = asking.t
         w = state["w"]
         if w is None or w < t:
