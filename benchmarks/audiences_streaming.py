@@ -57,6 +57,7 @@ from audiences_edge import TEMPLATES as EDGE_TEMPLATES
 from waymark.access import service as access
 from waymark.core.clock import ManualClock
 from waymark.demo.generate import load_demo_schema
+from waymark.gcpause import collector_paused
 from waymark.hub import Hub
 from waymark.ingestion.pipeline import Ingestor
 from waymark.model.schemas import parse_schema
@@ -211,8 +212,9 @@ def throughput(args: argparse.Namespace) -> None:
             )
         evaluator = live._Evaluator(lives, now=at, history=lambda ids, names: [])
         work = live.FoldWork("w")
-        for user, evs in by_user.items():
-            live._evaluate_profile(work, evaluator, user, person, rows.get(user), events=evs)
+        with collector_paused():  # as the mover folds
+            for user, evs in by_user.items():
+                live._evaluate_profile(work, evaluator, user, person, rows.get(user), events=evs)
         rows.update(work.rows)
 
     fold(calls, now - timedelta(hours=1))  # the same past, not timed
@@ -292,8 +294,9 @@ def demo(args: argparse.Namespace) -> None:
             by_profile.setdefault(pid, []).append(event)
         evaluator = live._Evaluator(lives, now=part[-1][1].timestamp, history=lambda i, n: [])
         work = live.FoldWork("w")
-        for pid, events in by_profile.items():
-            live._evaluate_profile(work, evaluator, pid, person, states.get(pid), events=events)
+        with collector_paused():  # as the mover folds
+            for pid, events in by_profile.items():
+                live._evaluate_profile(work, evaluator, pid, person, states.get(pid), events=events)
         states.update(work.rows)
         return len(work.answers)
 

@@ -19,6 +19,7 @@ import orjson
 import pyarrow as pa
 from sqlalchemy import Engine, delete, select, text
 
+from waymark.gcpause import collector_paused
 from waymark.hub import Hub
 from waymark.segmentation.live import RECOVERY_SEQ, Folder, Moved
 from waymark.storage.database import streaming_lock, write_tx
@@ -191,7 +192,7 @@ def flush_shared(
     transaction."""
     moved = 0
     while True:
-        with write_tx(engine) as conn:
+        with collector_paused(), write_tx(engine) as conn:  # see flush
             if folder is not None:
                 streaming_lock(conn)  # before the inbox rows: merges take it in this order too
             rows = conn.execute(_PG_MOVE, {"n": batch_size}).all()
@@ -283,8 +284,12 @@ def flush(
             if events.append_numbered(table, marker=("inbox", upto)) is None:
                 continue  # appended meanwhile by another mover of this log: recover
             _clean(engine, upto)
-        elif not _move_folding(engine, events, folder, rows, upto=upto):
-            continue
+        else:
+            # a batch's states die with it: no collector pass need look at them
+            with collector_paused():
+                taken = not _move_folding(engine, events, folder, rows, upto=upto)
+            if taken:
+                continue
         moved += len(rows)
         if len(rows) < batch_size:
             break

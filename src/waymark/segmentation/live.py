@@ -44,6 +44,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 from sqlalchemy.dialects import postgresql, sqlite
 
 from waymark.core.errors import InvalidInput
+from waymark.gcpause import collector_paused
 from waymark.hub import Hub
 from waymark.profiles.schema_store import schema_in_force
 from waymark.segmentation.compile.memory import (
@@ -912,13 +913,14 @@ class Folder:
                 evaluator = _Evaluator(lives, now=now, history=reader(ws))
                 stored = _load_rows(conn, ws, ids)
                 people = _load_profiles(conn, ws, ids)
-                for pid in ids:
-                    profile = people.get(pid)
-                    if profile is None:  # deleted or merged away meanwhile
-                        continue
-                    _evaluate_profile(
-                        work, evaluator, pid, profile, stored.get(pid), events=events[pid]
-                    )
+                with collector_paused():  # states make no cycles (see gcpause)
+                    for pid in ids:
+                        profile = people.get(pid)
+                        if profile is None:  # deleted or merged away meanwhile
+                            continue
+                        _evaluate_profile(
+                            work, evaluator, pid, profile, stored.get(pid), events=events[pid]
+                        )
             except Exception:  # never hold up the move: build this workspace again instead
                 log.exception("streaming fold failed", extra={"workspace": ws})
                 work = FoldWork(ws, failed=True)
@@ -1054,24 +1056,25 @@ def _rebuild_profiles(
     for live in lives:
         names |= live.compiled.names
     past = _events_of(history(readers, names)) if readers else {}
-    for pid in ids:
-        profile = people.get(pid)
-        if profile is None:
-            continue
-        if replay.get(pid):
-            again = {a.id for a in lives if a.covers(pid) or a.id in build}
-        else:
-            again = set(build)
-        _evaluate_profile(
-            work,
-            evaluator,
-            pid,
-            profile,
-            stored.get(pid),
-            history=past.get(pid, []),
-            replay=again,
-            recheck=not build or bool(replay.get(pid)),
-        )
+    with collector_paused():  # states make no cycles (see gcpause)
+        for pid in ids:
+            profile = people.get(pid)
+            if profile is None:
+                continue
+            if replay.get(pid):
+                again = {a.id for a in lives if a.covers(pid) or a.id in build}
+            else:
+                again = set(build)
+            _evaluate_profile(
+                work,
+                evaluator,
+                pid,
+                profile,
+                stored.get(pid),
+                history=past.get(pid, []),
+                replay=again,
+                recheck=not build or bool(replay.get(pid)),
+            )
     _write(conn, work, now=now)
 
 

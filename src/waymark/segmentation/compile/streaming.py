@@ -1268,8 +1268,8 @@ class _SequenceNode(_EventNode):
         before: list[_Item] = slot["b"]
         item = [x, event.seq, mask]
         # the newest kept event (the usual case: events come about in time order)
-        newest = not before or _key(before[-1]) < (x, event.seq)
-        if newest:
+        latest = not before or _key(before[-1]) < (x, event.seq)
+        if latest:
             kept = [*before, item]
         else:
             kept = list(before)
@@ -1286,7 +1286,7 @@ class _SequenceNode(_EventNode):
             # Every chain is found when its last event arrives: it starts at most D before it.
             # The newest event can only be a chain's last step, so one that cannot play the
             # last step completes no chain.
-            if not newest or mask & self.bits[-1]:
+            if not latest or mask & self.bits[-1]:
                 held = _earliest(held, self._completed_through(kept, x))
             if held is not None and held <= w:  # a chain that has held holds forever
                 return {"b": [], "e": None, "x": None, "z": False, "d": True, "u": None}

@@ -1,0 +1,45 @@
+"""Pausing the cyclic garbage collector around allocation-heavy work that makes no cycles.
+
+A streaming fold allocates millions of small dicts and lists (the audiences' JSON states) and
+no reference cycles; the collector's passes over them are wasted work (on the demo stream,
+10–20 % of the fold). Reference counting still frees everything at once; only the search for
+cycles waits. The allocations made meanwhile still count, so the collector runs soon after
+the pause ends and collects whatever cycles other threads made during it.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class _Pause:
+    """Who holds the collector off, and whether it was on before the first of them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.was_enabled = False
+
+
+_pause = _Pause()
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Keep the cyclic collector off while any thread is inside; the last one out turns it
+    back on if it was on when the first one came in. Nestable, thread safe."""
+    with _pause.lock:
+        if _pause.holders == 0:
+            _pause.was_enabled = gc.isenabled()
+            gc.disable()
+        _pause.holders += 1
+    try:
+        yield
+    finally:
+        with _pause.lock:
+            _pause.holders -= 1
+            if _pause.holders == 0 and _pause.was_enabled:
+                gc.enable()

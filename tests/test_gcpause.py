@@ -1,0 +1,77 @@
+"""The collector pause: off while anyone holds it, back as it was after the last one."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from waymark.gcpause import collector_paused
+
+
+@pytest.fixture(autouse=True)
+def _restore_collector() -> Iterator[None]:
+    was = gc.isenabled()
+    yield
+    if was:
+        gc.enable()
+    else:
+        gc.disable()
+
+
+def test_the_collector_is_off_inside_and_on_again_after() -> None:
+    gc.enable()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_nested_pauses_end_with_the_outermost() -> None:
+    gc.enable()
+    with collector_paused():
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_a_collector_that_was_off_stays_off() -> None:
+    gc.disable()
+    with collector_paused():
+        pass
+    assert not gc.isenabled()
+
+
+def test_an_error_inside_still_ends_the_pause() -> None:
+    gc.enable()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+
+
+def test_the_last_thread_out_turns_it_back_on() -> None:
+    gc.enable()
+    inside = threading.Barrier(2)
+    first_out = threading.Event()
+    seen: list[bool] = []
+
+    def first() -> None:
+        with collector_paused():
+            inside.wait()
+        first_out.set()
+
+    def second() -> None:
+        with collector_paused():
+            inside.wait()
+            first_out.wait()
+            seen.append(gc.isenabled())  # the first one left: still off for this one
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == [False]
+    assert gc.isenabled()
