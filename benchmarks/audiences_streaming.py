@@ -220,8 +220,8 @@ def throughput(args: argparse.Namespace) -> None:
         with collector_paused():  # as the mover folds
             for user, evs in by_user.items():
                 live._evaluate_profile(work, evaluator, user, person, rows.get(user), events=evs)
-        rows.update(work.rows)
-        gc.freeze()  # the kept states stand for the state store's rows (see demo)
+            rows.update(work.rows)
+            gc.freeze()  # the kept states stand for the state store's rows (see demo)
 
     fold(calls, now - timedelta(hours=1))  # the same past, not timed
     gc.freeze()  # the garbage collector as serve sets it
@@ -300,10 +300,11 @@ def demo(args: argparse.Namespace) -> None:
         with collector_paused():  # as the mover folds
             for pid, events in by_profile.items():
                 live._evaluate_profile(work, evaluator, pid, person, states.get(pid), events=events)
-        states.update(work.rows)
-        # the kept states stand for the state store's rows, which no collector pass visits
-        # in serve: keep them out of the passes that follow
-        gc.freeze()
+            states.update(work.rows)
+            # The kept states stand for the state store's rows: in serve a batch's states die
+            # with it, before the collector runs again, and none of its passes visits rows at
+            # rest. So they are kept out of every pass.
+            gc.freeze()
         return len(work.answers)
 
     past, timed = stream[: -args.events], stream[-args.events :]
