@@ -27,6 +27,7 @@ from waymark.segmentation import service as segments
 from waymark.storage.hotpath import INBOX_COLUMNS, fetch_rows
 from waymark.storage.tables import (
     audience_changes,
+    audience_members,
     audiences,
     imports,
     stream_recheck,
@@ -873,3 +874,42 @@ def test_a_crash_between_the_append_and_the_cleanup_only_cleans_up(
     _send(hub, ws, _buy("ann"))
     flush_once(hub)
     assert _members(hub, ws, "exactly two") == set()
+
+
+def _realize(hub: Hub, ws: str, name: str, pid: str) -> None:
+    """A realized membership that no streaming state accounts for."""
+    with hub.tx() as conn:
+        aid = conn.execute(
+            select(audiences.c.id).where(audiences.c.workspace_id == ws, audiences.c.name == name)
+        ).scalar_one()
+        conn.execute(
+            insert(audience_members).values(
+                workspace_id=ws,
+                audience_id=aid,
+                profile_id=pid,
+                status="realized",
+                realized_at=hub.clock.now(),
+                exited_at=None,
+            )
+        )
+
+
+def test_answers_every_new_profile_shares_are_written_against_the_membership(
+    hub: Hub,
+) -> None:
+    ws = _workspace(hub)
+    _save(hub, ws, "lapsed", "not purchase within last 7 days")
+    _save(hub, ws, "buyers", "purchase")
+    flush_once(hub)
+    # first events the audiences do not read: both answer as for any profile without events
+    _send(hub, ws, _track("bob", "page"), _track("cy", "page"), _buy("dee"))
+    _realize(hub, ws, "buyers", _pid(hub, ws, "cy"))
+    _realize(hub, ws, "buyers", _pid(hub, ws, "dee"))
+    flush_once(hub)
+    assert _users(hub, ws, "lapsed", "bob", "cy", "dee") == {"bob", "cy"}
+    # cy's membership had no purchase behind it; dee's first event is one (its own answer
+    # wins over the one shared by new profiles)
+    assert _users(hub, ws, "buyers", "bob", "cy", "dee") == {"dee"}
+    changes = {(p, c) for p, c, _run in _changes(hub, ws)}
+    assert (_pid(hub, ws, "cy"), "exited") in changes
+    assert (_pid(hub, ws, "dee"), "exited") not in changes
