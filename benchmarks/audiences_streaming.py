@@ -11,7 +11,8 @@ folder). Events of ``--profiles`` shoppers are stored through the ingestion path
 timed), then the mover moves them from the inbox to the log and folds them into the
 streaming states (fold, membership answers, timers, writes of states and changes), in
 batches as ``serve`` does. Prints events per second of the move-and-fold, and of the
-streaming evaluator alone on the same events (states in memory, no storage).
+streaming evaluator alone on the same events (states in memory, no storage, the collector
+kept as in ``demo``).
 
 ``demo``: the streaming evaluator alone (states in memory, no storage) on the demo generator's
 event stream: ``--profiles`` customers over ``--days`` days (with its anonymous visitors, each
@@ -668,6 +669,13 @@ def _measure(
     )
 
 
+def _at_least_one(text: str) -> int:
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {count}")
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -683,7 +691,10 @@ def main() -> None:
     d.add_argument("--batch", type=int, default=2_000)
     d.add_argument("--rows", action="store_true", help="also time reading the state rows")
     d.add_argument(
-        "--repeat", type=int, default=3, help="fold the timed events this often; the best counts"
+        "--repeat",
+        type=_at_least_one,
+        default=3,
+        help="fold the timed events this often; the best counts",
     )
     r = sub.add_parser("round")
     r.add_argument("--profiles", type=int, default=2000)

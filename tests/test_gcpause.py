@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from collections.abc import Iterator
 
@@ -74,4 +75,38 @@ def test_the_last_thread_out_turns_it_back_on() -> None:
     for thread in threads:
         thread.join()
     assert seen == [False]
+    assert gc.isenabled()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_inside_a_pause_collects_again() -> None:
+    gc.enable()
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with collector_paused():
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the holder thread is gone here: nobody would end its pause
+        os.write(write, b"1" if gc.isenabled() else b"0")
+        with collector_paused():
+            pass
+        os.write(write, b"1" if gc.isenabled() else b"0")
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    answer = b""
+    while chunk := os.read(read, 2):
+        answer += chunk
+    os.close(read)
+    release.set()
+    thread.join()
+    assert answer == b"11"
     assert gc.isenabled()

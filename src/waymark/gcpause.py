@@ -10,6 +10,7 @@ the pause ends and collects whatever cycles other threads made during it.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,15 +32,36 @@ _pause = _Pause()
 def collector_paused() -> Iterator[None]:
     """Keep the cyclic collector off while any thread is inside; the last one out turns it
     back on if it was on when the first one came in. Nestable, thread safe."""
-    with _pause.lock:
-        if _pause.holders == 0:
-            _pause.was_enabled = gc.isenabled()
-            gc.disable()
-        _pause.holders += 1
+    entered = False
     try:
+        with _pause.lock:
+            if _pause.holders == 0:
+                _pause.was_enabled = gc.isenabled()
+                gc.disable()
+            _pause.holders += 1
+            entered = True
         yield
     finally:
-        with _pause.lock:
-            _pause.holders -= 1
-            if _pause.holders == 0 and _pause.was_enabled:
-                gc.enable()
+        if entered:
+            _leave()
+
+
+def _leave() -> None:
+    with _pause.lock:
+        if _pause.holders == 0:  # the process forked inside the pause (see below)
+            return
+        _pause.holders -= 1
+        if _pause.holders == 0 and _pause.was_enabled:
+            gc.enable()
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while a thread held the pause has only the forking thread: no holder
+    will ever leave, so the collector is put back as it was before the pause."""
+    _pause.lock = threading.Lock()
+    if _pause.holders and _pause.was_enabled:
+        gc.enable()
+    _pause.holders = 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -51,7 +51,6 @@ import collections
 import contextlib
 import csv
 import functools
-import gc
 import hashlib
 import io
 import logging
@@ -86,6 +85,7 @@ from sqlalchemy.exc import IntegrityError
 from waymark.access.service import record_audit
 from waymark.core.errors import Conflict, InvalidInput, Issue, NotFound
 from waymark.core.ids import new_id, stable_id
+from waymark.gcpause import collector_paused
 from waymark.hub import Hub
 from waymark.identity.graph import MergePolicy
 from waymark.identity.service import ProfileWriter
@@ -2528,13 +2528,8 @@ def _gc_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while millions of short-lived rows (tuples,
     which it tracks) are built and dropped: it would scan them again and again for cycles
     they cannot form. Reference counting still frees them."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():  # shared with the mover's pauses
         yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _release_memory() -> None:

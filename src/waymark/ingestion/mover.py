@@ -80,14 +80,16 @@ def _commit_moved(
 ) -> None:
     """Delete the inbox rows up to ``upto`` (now in the log), folding ``table`` (rows the log
     holds with these ``seqs``, not folded yet) in that transaction."""
-    prepared = None
-    if folder is not None and table.num_rows:
-        with engine.connect() as conn:
-            prepared = folder.prepare(conn, _moved(table, seqs))
-    with write_tx(engine) as conn:
-        if folder is not None and prepared is not None:
-            folder.commit(conn, prepared)
-        conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+    with collector_paused():  # see _move_folding
+        prepared = None
+        if folder is not None and table.num_rows:
+            with engine.connect() as conn:
+                prepared = folder.prepare(conn, _moved(table, seqs))
+        with write_tx(engine) as conn:
+            if folder is not None and prepared is not None:
+                folder.commit(conn, prepared)
+            conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+        del prepared
 
 
 def _clean(engine: Engine, upto: int) -> None:
@@ -140,26 +142,31 @@ def _move_folding(
         return True
     seqs = list(range(first, first + table.num_rows))
     append = _Append(events, table, upto=upto, first=first)
-    with engine.connect() as conn:
-        prepared = folder.prepare(conn, _moved(table, seqs), log_ready=append)
-    if append.taken:
-        return False
-    try:
-        with write_tx(engine) as conn:
-            folder.commit(conn, prepared)
-            if append.done:
-                conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
-            else:
-                raw = conn.connection.driver_connection  # SQLite: only its log reserves
-                assert raw is not None
-                stamped = raw.executemany(  # compiled once, bound per row
-                    "UPDATE event_inbox SET log_seq = ? WHERE seq = ? AND log_seq IS NULL",
-                    [(seq, int(row[-1])) for seq, row in zip(seqs, rows, strict=True)],
-                )
-                if stamped.rowcount != len(rows):  # the fold is rolled back with the stamps
-                    raise _Taken
-    except _Taken:
-        return False
+    # The states a batch makes hold no cycles and die with it (dropped below, before the
+    # collector is back on): no collector pass need look at them.
+    with collector_paused():
+        with engine.connect() as conn:
+            prepared = folder.prepare(conn, _moved(table, seqs), log_ready=append)
+        if append.taken:
+            return False
+        try:
+            with write_tx(engine) as conn:
+                folder.commit(conn, prepared)
+                if append.done:
+                    conn.execute(delete(event_inbox).where(event_inbox.c.seq <= upto))
+                else:
+                    raw = conn.connection.driver_connection  # SQLite: only its log reserves
+                    assert raw is not None
+                    stamped = raw.executemany(  # compiled once, bound per row
+                        "UPDATE event_inbox SET log_seq = ? WHERE seq = ? AND log_seq IS NULL",
+                        [(seq, int(row[-1])) for seq, row in zip(seqs, rows, strict=True)],
+                    )
+                    if stamped.rowcount != len(rows):  # rolled back with the stamps
+                        raise _Taken
+        except _Taken:
+            return False
+        finally:
+            del prepared
     if not append.done:
         append()
         _clean(engine, upto)
@@ -192,13 +199,15 @@ def flush_shared(
     transaction."""
     moved = 0
     while True:
-        with collector_paused(), write_tx(engine) as conn:  # see flush
+        with write_tx(engine) as conn:
             if folder is not None:
                 streaming_lock(conn)  # before the inbox rows: merges take it in this order too
             rows = conn.execute(_PG_MOVE, {"n": batch_size}).all()
             if folder is not None and rows:
-                events = [Moved(r[0], r[1], r[2], r[3], int(r[4]), r[5] or {}) for r in rows]
-                folder.commit(conn, folder.prepare(conn, events))
+                with collector_paused():  # see _move_folding
+                    events = [Moved(r[0], r[1], r[2], r[3], int(r[4]), r[5] or {}) for r in rows]
+                    folder.commit(conn, folder.prepare(conn, events))
+                    del events
         moved += len(rows)
         if len(rows) < batch_size:
             return FlushStats(moved, 0)
@@ -284,12 +293,8 @@ def flush(
             if events.append_numbered(table, marker=("inbox", upto)) is None:
                 continue  # appended meanwhile by another mover of this log: recover
             _clean(engine, upto)
-        else:
-            # a batch's states die with it: no collector pass need look at them
-            with collector_paused():
-                taken = not _move_folding(engine, events, folder, rows, upto=upto)
-            if taken:
-                continue
+        elif not _move_folding(engine, events, folder, rows, upto=upto):
+            continue
         moved += len(rows)
         if len(rows) < batch_size:
             break
