@@ -804,7 +804,8 @@ class _CountNode(_EventNode):
         self.target = float(value)
         #: Only min(count, keep) matters for the comparison.
         self.keep = value if op in (CompareOp.GE, CompareOp.LT) else value + 1
-        #: a sliding window whose kept events fit under the cap (see :meth:`_simple`)
+        #: a sliding window whose kept events fit under the cap: its slots with nothing
+        #: pending or unknown take the fast paths of :meth:`add` and :meth:`judge`
         self.simple_kind = self.bounds.sliding and self.keep <= cap
 
     def new(self) -> dict[str, Any]:
@@ -860,10 +861,6 @@ class _CountNode(_EventNode):
             pending = pending[: max(self.keep - counter, 0)]
             pending, unknown = self._pending_cap(pending, unknown)
         return {"c": counter, "e": entered, "p": pending, "u": unknown}
-
-    def _simple(self, slot: dict[str, Any]) -> bool:
-        """A sliding window's slot with nothing pending or unknown, of at most the cap."""
-        return self.simple_kind and not slot["p"] and slot["u"] is None
 
     def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
         if self.keep <= 0:
