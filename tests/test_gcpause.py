@@ -95,11 +95,13 @@ def test_a_child_forked_inside_a_pause_collects_again() -> None:
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # the holder thread is gone here: nobody would end its pause
-        os.write(write, b"1" if gc.isenabled() else b"0")
-        with collector_paused():
-            pass
-        os.write(write, b"1" if gc.isenabled() else b"0")
-        os._exit(0)
+        try:
+            os.write(write, b"1" if gc.isenabled() else b"0")
+            with collector_paused():
+                pass
+            os.write(write, b"1" if gc.isenabled() else b"0")
+        finally:
+            os._exit(0)
     os.close(write)
     os.waitpid(child, 0)
     answer = b""
@@ -110,3 +112,30 @@ def test_a_child_forked_inside_a_pause_collects_again() -> None:
     thread.join()
     assert answer == b"11"
     assert gc.isenabled()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_pause_begun_before_a_fork_does_not_end_the_childs_own() -> None:
+    gc.enable()
+    read, write = os.pipe()
+    with collector_paused():
+        child = os.fork()
+        if child == 0:
+            try:
+                with collector_paused():
+                    _leave_as_the_parents_pause_would()
+                    os.write(write, b"1" if gc.isenabled() else b"0")
+            finally:
+                os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    answer = os.read(read, 1)
+    os.close(read)
+    assert answer == b"0"  # still off inside the child's own pause
+    assert gc.isenabled()
+
+
+def _leave_as_the_parents_pause_would() -> None:
+    from waymark import gcpause
+
+    gcpause._leave(gcpause._pause.forks - 1)

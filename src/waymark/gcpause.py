@@ -23,6 +23,9 @@ class _Pause:
         self.lock = threading.Lock()
         self.holders = 0
         self.was_enabled = False
+        #: how often this process was forked inside a pause: a pause begun before a fork ends
+        #: without counting in the child
+        self.forks = 0
 
 
 _pause = _Pause()
@@ -32,23 +35,23 @@ _pause = _Pause()
 def collector_paused() -> Iterator[None]:
     """Keep the cyclic collector off while any thread is inside; the last one out turns it
     back on if it was on when the first one came in. Nestable, thread safe."""
-    entered = False
+    entered: int | None = None
     try:
         with _pause.lock:
             if _pause.holders == 0:
                 _pause.was_enabled = gc.isenabled()
                 gc.disable()
             _pause.holders += 1
-            entered = True
+            entered = _pause.forks
         yield
     finally:
-        if entered:
-            _leave()
+        if entered is not None:
+            _leave(entered)
 
 
-def _leave() -> None:
+def _leave(forks: int) -> None:
     with _pause.lock:
-        if _pause.holders == 0:  # the process forked inside the pause (see below)
+        if forks != _pause.forks:  # begun before this child was forked (see below)
             return
         _pause.holders -= 1
         if _pause.holders == 0 and _pause.was_enabled:
@@ -59,8 +62,10 @@ def _after_fork_in_child() -> None:
     """A child forked while a thread held the pause has only the forking thread: no holder
     will ever leave, so the collector is put back as it was before the pause."""
     _pause.lock = threading.Lock()
-    if _pause.holders and _pause.was_enabled:
-        gc.enable()
+    if _pause.holders:
+        if _pause.was_enabled:
+            gc.enable()
+        _pause.forks += 1
     _pause.holders = 0
 
 

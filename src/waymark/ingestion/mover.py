@@ -147,9 +147,9 @@ def _move_folding(
     with collector_paused():
         with engine.connect() as conn:
             prepared = folder.prepare(conn, _moved(table, seqs), log_ready=append)
-        if append.taken:
-            return False
         try:
+            if append.taken:
+                return False
             with write_tx(engine) as conn:
                 folder.commit(conn, prepared)
                 if append.done:
