@@ -252,7 +252,6 @@ def throughput(args: argparse.Namespace) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-
     import duckdb
 
     from waymark.demo.generate import generate

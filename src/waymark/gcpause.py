@@ -1,10 +1,11 @@
 """Pausing the cyclic garbage collector around allocation-heavy work that makes no cycles.
 
 A streaming fold allocates millions of small dicts and lists (the audiences' JSON states) and
-no reference cycles; the collector's passes over them are wasted work (on the demo stream,
-10–20 % of the fold). Reference counting still frees everything at once; only the search for
-cycles waits. The allocations made meanwhile still count, so the collector runs soon after
-the pause ends and collects whatever cycles other threads made during it.
+no reference cycles; the collector's passes over them are wasted work (see the move-and-fold
+figure of ``benchmarks/audiences_streaming.py throughput`` in docs/benchmarks.md). Reference
+counting still frees everything at once; only the search for cycles waits. The allocations
+made meanwhile still count, so the collector runs soon after the pause ends and collects
+whatever cycles other threads made during it.
 """
 
 from __future__ import annotations

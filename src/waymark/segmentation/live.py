@@ -913,14 +913,13 @@ class Folder:
                 evaluator = _Evaluator(lives, now=now, history=reader(ws))
                 stored = _load_rows(conn, ws, ids)
                 people = _load_profiles(conn, ws, ids)
-                with collector_paused():  # states make no cycles (see gcpause)
-                    for pid in ids:
-                        profile = people.get(pid)
-                        if profile is None:  # deleted or merged away meanwhile
-                            continue
-                        _evaluate_profile(
-                            work, evaluator, pid, profile, stored.get(pid), events=events[pid]
-                        )
+                for pid in ids:  # the mover holds the collector off (see gcpause)
+                    profile = people.get(pid)
+                    if profile is None:  # deleted or merged away meanwhile
+                        continue
+                    _evaluate_profile(
+                        work, evaluator, pid, profile, stored.get(pid), events=events[pid]
+                    )
             except Exception:  # never hold up the move: build this workspace again instead
                 log.exception("streaming fold failed", extra={"workspace": ws})
                 work = FoldWork(ws, failed=True)

@@ -829,8 +829,8 @@ class _CountNode(_EventNode):
                 entered: list[_Item] = slot["e"]
                 seq = event.seq
                 keep = self.keep
-                if entered and (entered[-1][0], entered[-1][1]) > (x, seq):
-                    if len(entered) >= keep and (entered[0][0], entered[0][1]) > (x, seq):
+                if entered and _key(entered[-1]) > (x, seq):
+                    if len(entered) >= keep and _key(entered[0]) > (x, seq):
                         return slot  # older than every kept one, and they are enough
                     entered = list(entered)
                     insort(entered, [x, seq], key=_key)
@@ -1530,14 +1530,9 @@ class StreamingAudience:
         return empty
 
     def _slots(self, state: State) -> list[Any]:
-        slots = state.get("n") if isinstance(state, dict) else None
-        if (
-            type(slots) is not list
-            or state.get("f") != self._definition
-            or state.get("v") != _VERSION
-            or len(slots) != len(self._events)
-        ):
+        if not self.owns(state):
             raise ValueError("not a state of this audience definition")
+        slots: list[Any] = state["n"]
         return slots
 
     def owns(self, state: Any) -> bool:
