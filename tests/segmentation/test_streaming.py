@@ -910,3 +910,33 @@ def test_a_sliding_counts_fast_path_matches_the_general_one(
                 for audience, state in zip((fast, general), states, strict=True)
             ]
             assert answers[0] == answers[1], f"at {later.isoformat()}"
+
+
+def test_grouped_arrivals_fold_as_events_one_by_one() -> None:
+    """``step`` groups a profile's new events by name for every condition: a sequence over
+    several names, a count and a pick of one name each still take all their own events, so
+    the state and answer equal those of folding the events one at a time."""
+    audience = compile_streaming(
+        parse(
+            "(product_view then cart_add then purchase within 2 hours) "
+            "or count(product_view within last 1 days) >= 3 "
+            'or last(purchase).category = "shoes"',
+            SCHEMA,
+        )
+    )
+    names = ["product_view", "cart_add", "product_view", "purchase", "app_open", "cart_add"]
+    events = [
+        MemoryEvent(name, T0 + seq * 10 * MINUTE, seq, {"category": "shoes", "order_id": "o"})
+        for seq, name in enumerate(names)
+    ]
+    asking = Asking(NOBODY, T0 + DAY)
+    state, member, turn = audience.step(
+        audience.new_state(), [(to_micros(e.timestamp), e) for e in events], asking
+    )
+    one_by_one = audience.new_state()
+    for event_ in events:
+        one_by_one = audience.on_event(one_by_one, event_, now=T0 + DAY)
+    assert state == one_by_one
+    expected, expected_turn = audience.evaluate(one_by_one, NOBODY, T0 + DAY)
+    assert member is expected is True
+    assert turn == (None if expected_turn is None else to_micros(expected_turn))

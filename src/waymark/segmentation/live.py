@@ -55,6 +55,8 @@ from waymark.segmentation.compile.memory import (
     compile_memory,
 )
 from waymark.segmentation.compile.streaming import (
+    NO_ARRIVALS,
+    Arrivals,
     Asking,
     State,
     StreamingAudience,
@@ -626,9 +628,9 @@ def _evaluate_profile(
     recheck = recheck or stored is None
     profile_changed = recheck or seen != profile.updated_at
     changed = profile_changed or len(entries) != len(before)
-    new_events = _stamped(events) if events else []
+    arrivals = Arrivals(_stamped(events)) if events else NO_ARRIVALS
     concerned: dict[str, Live] = {}
-    for name in {e.name for _x, e in new_events}:
+    for name in arrivals.groups:
         for live in evaluator.by_name.get(name, ()):
             concerned[live.id] = live
     chosen: Iterable[Live]
@@ -675,7 +677,7 @@ def _evaluate_profile(
                     continue
             old = None if entry is None else _entry_state(entry)
             base = old if old is not None and compiled.owns(old) else compiled.new_state()
-            state, member, due = compiled.advance(base, new_events if mine else (), asking)
+            state, member, due = compiled.advance(base, arrivals if mine else NO_ARRIVALS, asking)
         if member is None:  # past the state's cap: the whole history answers
             member = evaluator._from_history(live, pid, profile)
         answers[(aid, pid)] = member

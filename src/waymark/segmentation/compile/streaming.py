@@ -615,6 +615,43 @@ class Asking:
 _Context = Asking
 
 
+#: a new event with its timestamp in microseconds
+Stamped: TypeAlias = tuple[int, MemoryEvent]
+
+
+class Arrivals:
+    """One profile's new events, each with its timestamp in microseconds, in the order given
+    (time order, as :meth:`StreamingAudience.step` wants them), grouped by name once for every
+    audience asked about the profile: each condition reads only the events it can take."""
+
+    __slots__ = ("_of_names", "events", "groups")
+
+    def __init__(self, events: list[Stamped]) -> None:
+        self.events = events
+        groups: dict[str, list[Stamped]] = {}
+        for item in events:
+            group = groups.get(item[1].name)
+            if group is None:
+                groups[item[1].name] = [item]
+            else:
+                group.append(item)
+        #: event name -> its events, in the order given
+        self.groups = groups
+        self._of_names: dict[frozenset[str], list[Stamped]] = {}
+
+    def of(self, names: frozenset[str]) -> list[Stamped]:
+        """The events named one of ``names``, in the order given (kept for the next caller)."""
+        found = self._of_names.get(names)
+        if found is None:
+            found = [item for item in self.events if item[1].name in names]
+            self._of_names[names] = found
+        return found
+
+
+#: no new events
+NO_ARRIVALS: Final = Arrivals([])
+
+
 class _Node:
     """A compiled condition: its answer (None: unknown) and its next turn, from the state."""
 
@@ -750,6 +787,8 @@ class _EventNode(_Node):
         #: the names of the events this node reads
         self.names: frozenset[str] = frozenset({ref.name})
         self.name = ref.name
+        #: the one name this node reads (None when it reads several)
+        self.only_name: str | None = ref.name
         #: whether the event's name is all ``accepts`` needs to look at
         self.by_name_only = ref.where is None and bounds.lo_abs is None and bounds.hi_abs is None
 
@@ -1165,6 +1204,7 @@ class _SequenceNode(_EventNode):
         self.bits = tuple(1 << position for position in range(len(node.steps)))
         self.every = (1 << len(node.steps)) - 1
         self.names = frozenset(step.name for step in node.steps)
+        self.only_name = node.steps[0].name if len(self.names) == 1 else None
         self.within = _span(node.within)
         self.absent = node.absent_last
         #: Positive with a fixed first-step window: a chain, once it counts, counts forever,
@@ -1634,28 +1674,34 @@ class StreamingAudience:
         The fast path of the streaming worker: the state is validated once, no instant is
         converted."""
         self._slots(state)
-        return self.advance(state, events, asking)
+        return self.advance(state, Arrivals(list(events)), asking)
 
     def advance(
-        self, state: State, events: Iterable[tuple[int, MemoryEvent]], asking: Asking
+        self, state: State, arrivals: Arrivals, asking: Asking
     ) -> tuple[State, bool | None, int | None]:
         """:meth:`step` for a state known to be of this definition (:meth:`owns` said so, or
-        :meth:`new_state` made it): not validated again."""
+        :meth:`new_state` made it), not validated again, with the new events grouped."""
         slots: list[Any] = state["n"]
         t = asking.t
         w = state["w"]
         if w is None or w < t:
             w = t
-        nodes_of = self._by_name
         new_slots: list[Any] | None = None
-        for x, event in events:
-            nodes = nodes_of.get(event.name)
-            if not nodes:
-                continue
-            if new_slots is None:
-                new_slots = list(slots)
-            for node in nodes:
-                new_slots[node.index] = node.add(new_slots[node.index], event, x, w)
+        if arrivals.events:
+            groups = arrivals.groups
+            for node in self._events:
+                only = node.only_name
+                taken = groups.get(only) if only is not None else arrivals.of(node.names)
+                if not taken:
+                    continue
+                if new_slots is None:
+                    new_slots = list(slots)
+                index = node.index
+                slot = new_slots[index]
+                add = node.add
+                for x, event in taken:
+                    slot = add(slot, event, x, w)
+                new_slots[index] = slot
         if new_slots is not None:
             state = {"v": _VERSION, "f": self._definition, "w": w, "n": new_slots}
             slots = new_slots
