@@ -940,3 +940,58 @@ def test_grouped_arrivals_fold_as_events_one_by_one() -> None:
     expected, expected_turn = audience.evaluate(one_by_one, NOBODY, T0 + DAY)
     assert member is expected is True
     assert turn == (None if expected_turn is None else to_micros(expected_turn))
+
+
+@settings(_SETTINGS, max_examples=200)
+@given(
+    text=st.sampled_from(
+        [
+            *_SLIDING_COUNTS,
+            "product_view then cart_add then purchase within 2 hours",
+            "cart_add within last 1 days then not purchase within 1 hours",
+        ]
+    ),
+    batches=st.lists(
+        st.tuples(
+            st.integers(0, 240),  # the minute the batch arrives at (the watermark then)
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["product_view", "cart_add", "purchase"]),
+                    # how late the event arrives, in minutes (negative: dated in the future)
+                    st.sampled_from([-10, 0, 0, 0, 1, 60, 120, 121]) | st.integers(-30, 300),
+                ),
+                max_size=8,
+            ),
+        ),
+        max_size=8,
+    ),
+)
+def test_a_batch_of_events_folds_as_the_same_events_one_by_one(
+    text: str, batches: list[tuple[int, list[tuple[str, int]]]]
+) -> None:
+    """Events that arrive together, folded at once (each condition taking its run of them in
+    one go), give the state, answer and timer that folding them one at a time gives."""
+    audience = compile_streaming(parse(text, SCHEMA))
+    together = one_by_one = audience.new_state()
+    seq = 0
+    arrived = T0
+    for minute, arrivals in sorted(batches, key=lambda b: b[0]):
+        arrived = max(arrived, T0 + minute * MINUTE)
+        events = []
+        for name, late in arrivals:
+            props = {"order_id": f"o{seq}", "revenue": 10.0, "category": "shoes", "price": 5.0}
+            events.append(MemoryEvent(name, arrived - late * MINUTE, seq, props))
+            seq += 1
+        events.sort(key=lambda e: (e.timestamp, e.seq))
+        asking = Asking(NOBODY, arrived)
+        together, member, turn = audience.step(
+            together, [(to_micros(e.timestamp), e) for e in events], asking
+        )
+        for event_ in events:
+            one_by_one, alone, alone_turn = audience.step(
+                one_by_one, [(to_micros(event_.timestamp), event_)], asking
+            )
+        if not events:
+            one_by_one, alone, alone_turn = audience.step(one_by_one, (), asking)
+        assert together == one_by_one, f"at {arrived.isoformat()}"
+        assert (member, turn) == (alone, alone_turn), f"at {arrived.isoformat()}"

@@ -805,6 +805,13 @@ class _EventNode(_Node):
         same object when the event does not concern this node. Never mutates ``slot``."""
         raise NotImplementedError
 
+    def add_all(self, slot: dict[str, Any], taken: list[Stamped], w: int) -> dict[str, Any]:
+        """``slot`` with each of ``taken`` (in the order given) folded in by :meth:`add`."""
+        add = self.add
+        for x, event in taken:
+            slot = add(slot, event, x, w)
+        return slot
+
     def _sliding_cap(
         self, entered: list[_Item], pending: list[_Item], unknown: _Unknown
     ) -> tuple[list[_Item], list[_Item], _Unknown]:
@@ -900,6 +907,36 @@ class _CountNode(_EventNode):
             pending = pending[: max(self.keep - counter, 0)]
             pending, unknown = self._pending_cap(pending, unknown)
         return {"c": counter, "e": entered, "p": pending, "u": unknown}
+
+    def add_all(self, slot: dict[str, Any], taken: list[Stamped], w: int) -> dict[str, Any]:
+        # The common run at once: a sliding window by name alone with nothing pending or
+        # unknown, and events each newer than the last, all inside the upper bound. Folded one
+        # by one, each keeps the newest ``keep`` events not below the lower bound, so together
+        # they keep those of all the kept and new ones.
+        if not (self.simple_kind and self.by_name_only) or slot["p"] or slot["u"] is not None:
+            return super().add_all(slot, taken, w)
+        keep = self.keep
+        if keep <= 0 or len(taken) < 2:
+            return super().add_all(slot, taken, w)
+        bounds = self.bounds
+        hi_off = bounds.hi_off
+        entered: list[_Item] = slot["e"]
+        last = _key(entered[-1]) if entered else None
+        for x, event in taken:
+            if last is not None and (x, event.seq) <= last:
+                return super().add_all(slot, taken, w)
+            last = (x, event.seq)
+        if hi_off is not None:
+            x = taken[-1][0]  # the newest
+            if not (x < w + hi_off if bounds.hi_off_open else x <= w + hi_off):
+                return super().add_all(slot, taken, w)
+        lo = w + bounds.lo_off  # type: ignore[operator]
+        fresh = [[x, event.seq] for x, event in taken if x >= lo]
+        if not fresh:
+            return slot  # all already gone
+        merged = [*entered, *fresh]
+        start = max(len(merged) - keep, bisect_left(merged, lo, key=_stamp))
+        return {"c": slot["c"], "e": merged[start:], "p": [], "u": None}
 
     def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
         if self.keep <= 0:
@@ -1200,6 +1237,11 @@ class _SequenceNode(_EventNode):
             filtered = None if step.where is None else match
             plays.setdefault(step.name, []).append((1 << position, position == 0, filtered))
         self.plays = plays
+        #: with no filter and no fixed bound, the steps of an event by its name alone
+        self.masks: dict[str, int] | None = None
+        unfiltered = all(match is None for each in plays.values() for _b, _f, match in each)
+        if unfiltered and self.bounds.lo_abs is None and self.bounds.hi_abs is None:
+            self.masks = {name: sum(bit for bit, _f, _m in each) for name, each in plays.items()}
         #: each step's bit in a kept event's mask, and all of them
         self.bits = tuple(1 << position for position in range(len(node.steps)))
         self.every = (1 << len(node.steps)) - 1
@@ -1298,7 +1340,8 @@ class _SequenceNode(_EventNode):
     def add(self, slot: dict[str, Any], event: MemoryEvent, x: int, w: int) -> dict[str, Any]:
         if slot["d"]:
             return slot
-        mask = self._mask(event, x)
+        masks = self.masks
+        mask = self._mask(event, x) if masks is None else masks.get(event.name, 0)
         if not mask:
             return slot
         bounds = self.bounds
@@ -1314,7 +1357,9 @@ class _SequenceNode(_EventNode):
         held: int | None = slot["e"]
         lost: int | None = slot["x"]
         poisoned: bool = slot["z"]
-        unknown: _Unknown = _settle(slot["u"], w)
+        unknown: _Unknown = slot["u"]
+        if unknown is not None:
+            unknown = _settle(unknown, w)
         if bounds.lo_off is not None:
             kept = kept[bounds.gone_count(kept, w) :]
         elif lost is not None and x <= lost + self.within:
@@ -1697,11 +1742,11 @@ class StreamingAudience:
                 if new_slots is None:
                     new_slots = list(slots)
                 index = node.index
-                slot = new_slots[index]
-                add = node.add
-                for x, event in taken:
-                    slot = add(slot, event, x, w)
-                new_slots[index] = slot
+                if len(taken) == 1:
+                    x, event = taken[0]
+                    new_slots[index] = node.add(new_slots[index], event, x, w)
+                else:
+                    new_slots[index] = node.add_all(new_slots[index], taken, w)
         if new_slots is not None:
             state = {"v": _VERSION, "f": self._definition, "w": w, "n": new_slots}
             slots = new_slots
