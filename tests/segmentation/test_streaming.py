@@ -965,13 +965,15 @@ def test_grouped_arrivals_fold_as_events_one_by_one() -> None:
         ),
         max_size=8,
     ),
+    cap=st.sampled_from([3, 1000]),
 )
 def test_a_batch_of_events_folds_as_the_same_events_one_by_one(
-    text: str, batches: list[tuple[int, list[tuple[str, int]]]]
+    text: str, batches: list[tuple[int, list[tuple[str, int]]]], cap: int
 ) -> None:
     """Events that arrive together, folded at once (each condition taking its run of them in
-    one go), give the state, answer and timer that folding them one at a time gives."""
-    audience = compile_streaming(parse(text, SCHEMA))
+    one go), give the state, answer and timer that folding them one at a time gives, also
+    where they pass the cap."""
+    audience = compile_streaming(parse(text, SCHEMA), max_events=cap)
     together = one_by_one = audience.new_state()
     seq = 0
     arrived = T0
@@ -995,3 +997,24 @@ def test_a_batch_of_events_folds_as_the_same_events_one_by_one(
             one_by_one, alone, alone_turn = audience.step(one_by_one, (), asking)
         assert together == one_by_one, f"at {arrived.isoformat()}"
         assert (member, turn) == (alone, alone_turn), f"at {arrived.isoformat()}"
+
+
+@pytest.mark.parametrize("cap", [2, 3, 6, 1000])
+def test_a_run_of_first_steps_past_the_cap_folds_as_one_by_one(cap: int) -> None:
+    """A run of events that only start or continue chains, more than the cap keeps, folded at
+    once gives the state (dropped events remembered) that folding them one at a time gives."""
+    audience = compile_streaming(
+        parse("product_view then cart_add then purchase within 2 hours", SCHEMA),
+        max_events=cap,
+    )
+    names = ["product_view", "cart_add", "product_view", "product_view", "app_open", "cart_add"]
+    events = [MemoryEvent(name, T0 + seq * MINUTE, seq, {}) for seq, name in enumerate(names)]
+    asking = Asking(NOBODY, T0 + HOUR)
+    together = audience.step(
+        audience.new_state(), [(to_micros(e.timestamp), e) for e in events], asking
+    )
+    one_by_one = audience.new_state()
+    for event_ in events:
+        one_by_one = audience.step(one_by_one, [(to_micros(event_.timestamp), event_)], asking)[0]
+    assert together[0] == one_by_one
+    assert together[1:] == audience.step(one_by_one, (), asking)[1:]

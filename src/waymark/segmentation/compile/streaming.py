@@ -158,7 +158,7 @@ from waymark.segmentation.lang.ast import (
     next_anniversary,
     parse_moment,
     read_number,
-    read_value,
+    reader,
 )
 from waymark.segmentation.lang.printer import to_text
 
@@ -546,18 +546,30 @@ def _value_bounds(window: Window) -> _Bounds:
     return _bounds(window, events=False)
 
 
-def _test_turns(test: Test, kind: FieldType, raw: Any, zone: str | None, t: int) -> int | None:
-    """The first instant after ``t`` at which ``test`` of the stored value ``raw`` may turn."""
+def _turns(test: Test, kind: FieldType) -> Callable[[Any, str | None, int], int | None] | None:
+    """For a test that time alone can turn (a window or an anniversary), the function of a
+    stored value ``raw``, the profile's zone and an instant ``t`` that gives the first instant
+    after ``t`` at which the test may turn; None for any other test."""
     if isinstance(test, Within):
-        moment = read_value(raw, kind)
-        if not isinstance(moment, datetime):
-            return None
         bounds = _value_bounds(test.window)
-        x = _micros(moment)
-        return _after([bounds.enter(x), bounds.leave(x)], t)
+        read = reader(kind)
+
+        def within(raw: Any, _zone: str | None, t: int) -> int | None:
+            moment = None if raw is None else read(raw)
+            if not isinstance(moment, datetime):
+                return None
+            x = _micros(moment)
+            return _after([bounds.enter(x), bounds.leave(x)], t)
+
+        return within
     if isinstance(test, Anniversary):
-        day = calendar_date(raw, kind)
-        return None if day is None else _anniversary_turn(day, test.days, zone, t)
+        days = test.days
+
+        def anniversary(raw: Any, zone: str | None, t: int) -> int | None:
+            day = calendar_date(raw, kind)
+            return None if day is None else _anniversary_turn(day, days, zone, t)
+
+        return anniversary
     return None
 
 
@@ -586,7 +598,7 @@ class Asking:
     every audience asked about that profile then: what the audiences read of the profile is
     prepared once for all of them."""
 
-    __slots__ = ("_prepared", "attributes", "consents", "now", "t", "zone")
+    __slots__ = ("_prepared", "attributes", "consents", "judged", "now", "t", "zone")
 
     def __init__(self, profile: ProfileView, now: datetime, t: int | None = None) -> None:
         self.attributes = profile.attributes
@@ -596,6 +608,9 @@ class Asking:
         self.t: int = _micros(now) if t is None else t
         self.zone = _zone(self.attributes)
         self._prepared: PreparedProfile | None = None
+        #: answers and turns of attribute and consent conditions, by condition: audiences
+        #: that share one judge it once
+        self.judged: dict[str, tuple[bool | None, int | None]] = {}
 
     @property
     def prepared(self) -> PreparedProfile:
@@ -752,28 +767,31 @@ class _Profile(_Node):
         self.run = compile_memory(node).run
         attr = node if isinstance(node, Attr) else None
         #: the attribute test that time alone can turn (a window or an anniversary), if any
-        self.timed = (
-            attr
-            if attr is not None
-            and attr.kind is not None
-            and isinstance(attr.test, Within | Anniversary)
-            else None
+        #: when time alone turns the test (a window or an anniversary): its turns
+        self.turns = (
+            _turns(attr.test, attr.kind) if attr is not None and attr.kind is not None else None
         )
         self.get = _getter(node.path) if isinstance(node, Attr) else None
+        #: the condition, the same for every audience with it: one answer per question
+        self.key = repr(node)
 
     def value(self, slots: list[Any], ctx: _Context) -> bool | None:
         return self.run(ctx.prepared)
 
     def change(self, slots: list[Any], ctx: _Context) -> int | None:
-        timed = self.timed
-        if timed is None or self.get is None or timed.kind is None:
+        turns = self.turns
+        if turns is None or self.get is None:
             return None
-        raw = self.get(ctx.attributes)
-        return _test_turns(timed.test, timed.kind, raw, ctx.zone, ctx.t)
+        return turns(self.get(ctx.attributes), ctx.zone, ctx.t)
 
     def judge(self, slots: list[Any], ctx: _Context) -> tuple[bool | None, int | None]:
-        answer = self.run(ctx.prepared)
-        return answer, (None if self.timed is None else self.change(slots, ctx))
+        judged = ctx.judged
+        found = judged.get(self.key)
+        if found is None:
+            turn = None if self.turns is None else self.change(slots, ctx)
+            found = (self.run(ctx.prepared), turn)
+            judged[self.key] = found
+        return found
 
 
 class _EventNode(_Node):
@@ -1124,6 +1142,7 @@ class _PickNode(_EventNode):
         self.get = None if node.path is None else _getter(node.path)
         self.test = node.test
         self.kind = FieldType.TIMESTAMP if node.path is None else node.kind
+        self.turns = None if self.kind is None else _turns(node.test, self.kind)
         alone = Pick(node.which, EventRef(node.event.name), node.path, node.test, node.kind)
         self.run = compile_memory(alone).run
         #: The earliest event of a fixed window is all a ``first`` needs.
@@ -1216,9 +1235,8 @@ class _PickNode(_EventNode):
             candidates += [bounds.enter(item[0]), bounds.leave(item[0])]
         if not _unknown_at(slot["u"], t):
             picked = self._picked(slot, t)
-            if picked is not None and self.kind is not None:
-                raw = self._raw(picked)
-                candidates.append(_test_turns(self.test, self.kind, raw, ctx.zone, t))
+            if picked is not None and self.turns is not None:
+                candidates.append(self.turns(self._raw(picked), ctx.zone, t))
         return _after(candidates, t)
 
 
@@ -1387,6 +1405,40 @@ class _SequenceNode(_EventNode):
                 lost = newest if lost is None else max(lost, newest)
             kept = kept[excess:]
         return {"b": kept, "e": held, "x": lost, "z": poisoned, "d": False, "u": unknown}
+
+    def add_all(self, slot: dict[str, Any], taken: list[Stamped], w: int) -> dict[str, Any]:
+        # The common run at once: a positive sequence with a fixed window and steps known by
+        # name alone, nothing lost, unknown or held by now, and events each newer than the
+        # last that cannot play the last step. Folded one by one, each is only kept (it
+        # completes no chain), so together they are kept, if under the cap.
+        masks = self.masks
+        held = slot["e"]
+        if (
+            masks is None
+            or not self.monotone
+            or slot["d"]
+            or slot["x"] is not None
+            or slot["u"] is not None
+            or (held is not None and held <= w)
+        ):
+            return super().add_all(slot, taken, w)
+        before: list[_Item] = slot["b"]
+        last = _key(before[-1]) if before else None
+        final = self.bits[-1]
+        fresh: list[_Item] = []
+        for x, event in taken:
+            seq = event.seq
+            mask = masks.get(event.name, 0)
+            if mask & final or (last is not None and (x, seq) <= last):
+                return super().add_all(slot, taken, w)
+            last = (x, seq)
+            if mask:
+                fresh.append([x, seq, mask])
+        if not fresh:
+            return slot
+        if len(before) + len(fresh) > self.cap:
+            return super().add_all(slot, taken, w)
+        return {"b": [*before, *fresh], "e": held, "x": None, "z": slot["z"], "d": False, "u": None}
 
     def _completed_through(self, kept: list[_Item], x: int) -> int | None:
         """The earliest instant at which a chain starting no more than D before ``x`` (so
