@@ -34,6 +34,7 @@ from waymark.segmentation.compile.streaming import (
     StateOverflow,
     StreamingAudience,
     _CountNode,
+    _SequenceNode,
     compile_streaming,
     from_micros,
     plan,
@@ -1018,3 +1019,37 @@ def test_a_run_of_first_steps_past_the_cap_folds_as_one_by_one(cap: int) -> None
         one_by_one = audience.step(one_by_one, [(to_micros(event_.timestamp), event_)], asking)[0]
     assert together[0] == one_by_one
     assert together[1:] == audience.step(one_by_one, (), asking)[1:]
+
+
+@settings(_SETTINGS, max_examples=300)
+@given(
+    text=st.sampled_from(
+        [
+            "cart_add then not purchase within 1 hours",
+            "cart_add within last 1 days then not purchase within 1 hours",
+            "cart_add within last 90 minutes then not purchase within 1 hours",
+            'cart_add between "2026-03-01" and "2026-03-01T11:00:00Z" '
+            "then not purchase within 30 minutes",
+            "cart_add between 3 hours ago and 1 hours ago then not purchase within 20 minutes",
+            "purchase within last 1 days then not purchase within 1 hours",
+        ]
+    ),
+    kept=st.lists(st.tuples(st.integers(0, 6 * 60), st.sampled_from([1, 2, 3])), max_size=12),
+)
+def test_the_one_pass_spans_of_an_abandoned_cart_match_the_table(
+    text: str, kept: list[tuple[int, int]]
+) -> None:
+    """``A then not B within D`` finds when each start's chain counts in one pass; it gives
+    the spans the general table of steps gives, for starts and absent events in any mix
+    (an event that plays both, events at the same instant)."""
+    audience = compile_streaming(parse(text, SCHEMA))
+    (node,) = audience._events
+    assert isinstance(node, _SequenceNode)
+    base = to_micros(T0 - 3 * HOUR)
+    items = sorted(
+        ([base + minute * 60_000_000, seq, mask] for seq, (minute, mask) in enumerate(kept)),
+        key=lambda item: (item[0], item[1]),
+    )
+    if not node.plays.get("cart_add"):  # A and B are both purchases: every event plays both
+        items = [[x, seq, 3] for x, seq, _mask in items]
+    assert node._pair_spans(items) == node._table_spans(items)

@@ -448,6 +448,12 @@ def _consent(node: Consent) -> _Run:
 # -- events ---------------------------------------------------------------------------------
 
 
+def compile_where(node: Filter) -> Callable[[Mapping[str, Any], PreparedProfile], bool]:
+    """An event filter as a test of an event's properties (the prepared profile gives the
+    moment for the property tests that read one: windows and anniversaries)."""
+    return _where(node)
+
+
 def _where(node: Filter) -> _Where:
     if isinstance(node, Prop):
         get = _getter(node.path)

@@ -117,6 +117,7 @@ from waymark.segmentation.compile.memory import (
     PreparedProfile,
     ProfileData,
     compile_memory,
+    compile_where,
 )
 from waymark.segmentation.lang.ast import (
     COMPARE,
@@ -573,12 +574,34 @@ def _turns(test: Test, kind: FieldType) -> Callable[[Any, str | None, int], int 
     return None
 
 
+def _timeless(node: Filter) -> bool:
+    """Whether no property test of the filter reads the moment (a window or anniversary)."""
+    if isinstance(node, Prop):
+        return not isinstance(node.test, Within | Anniversary)
+    if isinstance(node, FilterAnd | FilterOr):
+        return all(_timeless(item) for item in node.items)
+    if isinstance(node, FilterNot):
+        return _timeless(node.item)
+    raise ValueError(f"not a property filter: {node!r}")
+
+
+#: the profile the filters without a moment are given (they never read it)
+_TIMELESS: Final = PreparedProfile(ProfileData({}, (), {}), datetime(1970, 1, 1, tzinfo=UTC))
+
+
 def _matcher(ref: EventRef) -> Callable[[MemoryEvent], bool]:
     """Whether an event matches ``ref``'s name and ``where`` (not its window), as the in-memory
     evaluator decides it for that event alone. The filter must not depend on the moment."""
     name = ref.name
     if ref.where is None:
         return lambda event: event.name == name
+    if _timeless(ref.where):
+        where = compile_where(ref.where)
+
+        def test(event: MemoryEvent) -> bool:
+            return event.name == name and where(event.properties, _TIMELESS)
+
+        return test
     run = compile_memory(Occurs(EventRef(name, ref.where))).run
 
     def match(event: MemoryEvent) -> bool:
@@ -1347,12 +1370,43 @@ class _SequenceNode(_EventNode):
         return begins, until
 
     def _spans(self, kept: list[_Item]) -> list[tuple[int, int | None]]:
+        """When each kept start's chain counts (see :meth:`_active`), in the starts' order."""
+        if self.absent and len(self.bits) == 2:
+            return self._pair_spans(kept)
+        return self._table_spans(kept)
+
+    def _table_spans(self, kept: list[_Item]) -> list[tuple[int, int | None]]:
+        """:meth:`_spans` by the table of steps, for any sequence."""
         table = self._table(kept)
         spans = []
         for start in table[0][0]:
             active = self._active(table, start)
             if active is not None:
                 spans.append(active)
+        return spans
+
+    def _pair_spans(self, kept: list[_Item]) -> list[tuple[int, int | None]]:
+        """:meth:`_spans` of ``A then not B within D`` in one pass from the newest kept event:
+        a start's chain counts from its deadline (and its window's entry) until it leaves the
+        window, unless the first B after it comes by the deadline."""
+        within = self.within
+        bounds = self.bounds
+        spans: list[tuple[int, int | None]] = []
+        following: _Item | None = None  # the first B after the position reached
+        for item in reversed(kept):
+            mask = item[2]
+            if mask & 1:
+                x = item[0]
+                deadline = x + within
+                if following is None or following[0] > deadline:
+                    entry = bounds.enter(x)
+                    begins = deadline if entry is None or entry < deadline else entry
+                    until = bounds.leave(x)
+                    if until is None or until > begins:
+                        spans.append((begins, until))
+            if mask & 2:
+                following = item
+        spans.reverse()
         return spans
 
     def add(self, slot: dict[str, Any], event: MemoryEvent, x: int, w: int) -> dict[str, Any]:
