@@ -482,6 +482,10 @@ class _Evaluator:
         self._empty: dict[str, tuple[bool, int | None]] = {}
         self._constants: dict[str, bool] | None = None
         self.keys = {a.id: a.compiled.key for a in audiences_}
+        #: the audiences built for every profile (the rest ask :meth:`Live.covers`)
+        self.whole = frozenset(
+            a.id for a in audiences_ if a.ready and a.built_key == a.compiled.key
+        )
         self.by_id = {a.id: a for a in audiences_}
         #: filled with the constants: their keys, and the audiences that are not constant
         self.constant_keys: dict[str, str] = {}
@@ -658,13 +662,14 @@ def _evaluate_profile(
         chosen = concerned.values()
     past = _stamped(history) if replay and history else []
     asking = evaluator.asking(profile)
+    whole = evaluator.whole
     for live in chosen:
         compiled = live.compiled
         aid = live.id
         if aid in replay:
             state, member, due = compiled.step(compiled.new_state(), past, asking)
         else:
-            if not live.covers(pid):
+            if aid not in whole and not live.covers(pid):
                 continue
             mine = aid in concerned
             entry = entries.get(aid)

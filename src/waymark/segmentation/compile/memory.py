@@ -314,7 +314,7 @@ def _expr(node: Expr) -> _Run:
 # -- values ---------------------------------------------------------------------------------
 
 
-def _getter(path: str) -> _Getter:
+def path_getter(path: str) -> _Getter:
     """Read a dotted path from a mapping; None when a part is absent or not a mapping."""
     parts = tuple(path.split("."))
     if len(parts) == 1:
@@ -433,7 +433,7 @@ def _test(test: Test, kind: FieldType) -> _ValueTest:
 
 
 def _attr(node: Attr) -> _Run:
-    get = _getter(node.path)
+    get = path_getter(node.path)
     test = _test(node.test, _kind(node.kind, node.path))
     return lambda p: test(get(p.attributes), p)
 
@@ -456,7 +456,7 @@ def compile_where(node: Filter) -> Callable[[Mapping[str, Any], PreparedProfile]
 
 def _where(node: Filter) -> _Where:
     if isinstance(node, Prop):
-        get = _getter(node.path)
+        get = path_getter(node.path)
         test = _test(node.test, _kind(node.kind, node.path))
         return lambda props, p: test(get(props), p)
     if isinstance(node, FilterAnd):
@@ -540,7 +540,7 @@ def _count(node: Count) -> _Run:
 
 def _aggregate(node: Aggregate) -> _Run:
     select = _select(node.event)
-    get = _getter(node.path)
+    get = path_getter(node.path)
     op = _OPS[node.op]
     target = float(node.value)
     fn = node.fn
@@ -586,7 +586,7 @@ def _pick(node: Pick) -> _Run:
 
     else:
         test = _test(node.test, _kind(node.kind, node.path))
-        get = _getter(node.path)
+        get = path_getter(node.path)
 
         def value_of(event: MemoryEvent) -> Any:
             return get(event.properties)

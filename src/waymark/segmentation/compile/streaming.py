@@ -118,6 +118,7 @@ from waymark.segmentation.compile.memory import (
     ProfileData,
     compile_memory,
     compile_where,
+    path_getter,
 )
 from waymark.segmentation.lang.ast import (
     COMPARE,
@@ -463,21 +464,6 @@ def _dump_exact(total: _Exact) -> list[Any]:
 # -- values -------------------------------------------------------------------------------------
 
 
-def _getter(path: str) -> Callable[[Mapping[str, Any]], Any]:
-    """Read a dotted path; None when a part is absent or not an object (as in memory)."""
-    parts = tuple(path.split("."))
-
-    def get(mapping: Mapping[str, Any]) -> Any:
-        value: Any = mapping
-        for part in parts:
-            if not isinstance(value, Mapping):
-                return None
-            value = value.get(part)
-        return value
-
-    return get
-
-
 def _nest(path: str, value: Any) -> dict[str, Any]:
     """Properties in which ``path`` reads ``value``."""
     if value is None:
@@ -794,7 +780,7 @@ class _Profile(_Node):
         self.turns = (
             _turns(attr.test, attr.kind) if attr is not None and attr.kind is not None else None
         )
-        self.get = _getter(node.path) if isinstance(node, Attr) else None
+        self.get = path_getter(node.path) if isinstance(node, Attr) else None
         #: the condition, the same for every audience with it: one answer per question
         self.key = repr(node)
 
@@ -1054,7 +1040,7 @@ class _AggregateNode(_EventNode):
     def __init__(self, index: int, node: Aggregate, cap: int) -> None:
         super().__init__(index, node.event, cap)
         self.fn = node.fn
-        self.get = _getter(node.path)
+        self.get = path_getter(node.path)
         self.op = _OPS[node.op]
         self.target = float(node.value)
         self.best: Callable[[float, float], bool] = (
@@ -1162,7 +1148,7 @@ class _PickNode(_EventNode):
         self.first = node.which is Which.FIRST
         self.name = node.event.name
         self.path = node.path
-        self.get = None if node.path is None else _getter(node.path)
+        self.get = None if node.path is None else path_getter(node.path)
         self.test = node.test
         self.kind = FieldType.TIMESTAMP if node.path is None else node.kind
         self.turns = None if self.kind is None else _turns(node.test, self.kind)
