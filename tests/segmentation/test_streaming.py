@@ -1034,22 +1034,53 @@ def test_a_run_of_first_steps_past_the_cap_folds_as_one_by_one(cap: int) -> None
             "purchase within last 1 days then not purchase within 1 hours",
         ]
     ),
-    kept=st.lists(st.tuples(st.integers(0, 6 * 60), st.sampled_from([1, 2, 3])), max_size=12),
+    kept=st.lists(
+        st.tuples(st.integers(0, 6 * 60), st.sampled_from([1, 2, 3]), st.integers(0, 3)),
+        max_size=12,
+    ),
 )
 def test_the_one_pass_spans_of_an_abandoned_cart_match_the_table(
-    text: str, kept: list[tuple[int, int]]
+    text: str, kept: list[tuple[int, int, int]]
 ) -> None:
     """``A then not B within D`` finds when each start's chain counts in one pass; it gives
     the spans the general table of steps gives, for starts and absent events in any mix
-    (an event that plays both, events at the same instant)."""
+    (an event that plays both, events at the same instant, a start and a B with the same
+    timestamp and seq: that B is not after the start)."""
     audience = compile_streaming(parse(text, SCHEMA))
     (node,) = audience._events
     assert isinstance(node, _SequenceNode)
     base = to_micros(T0 - 3 * HOUR)
     items = sorted(
-        ([base + minute * 60_000_000, seq, mask] for seq, (minute, mask) in enumerate(kept)),
+        ([base + minute * 60_000_000, seq, mask] for minute, mask, seq in kept),
         key=lambda item: (item[0], item[1]),
     )
     if not node.plays.get("cart_add"):  # A and B are both purchases: every event plays both
         items = [[x, seq, 3] for x, seq, _mask in items]
     assert node._pair_spans(items) == node._table_spans(items)
+
+
+def test_audiences_sharing_a_condition_judge_it_once_with_the_same_answers() -> None:
+    """The audiences asked about one profile at one instant share the answers of the
+    attribute and consent conditions they have in common; each answer and timer is the one
+    it gets when asked alone, and the same profile asked at a later instant judges again."""
+    texts = [
+        'country = "DE"',
+        'country = "DE" and signup_at within last 1 days',
+        'not country = "DE" or signup_at within last 2 days',
+        "consent(email, marketing) = opted_in and signup_at within last 1 days",
+        "consent(email, marketing) = opted_in",
+    ]
+    compiled = [compile_streaming(parse(text, SCHEMA)) for text in texts]
+    person = ProfileData(
+        {"country": "DE", "signup_at": (T0 - 20 * HOUR).isoformat()},
+        (),
+        {("email", "marketing"): "opted_in"},
+    )
+    for now in (T0, T0 + 5 * HOUR, T0 + DAY + HOUR):
+        shared = Asking(person, now)
+        together = [a.step(a.new_state(), (), shared)[1:] for a in compiled]
+        alone = [a.step(a.new_state(), (), Asking(person, now))[1:] for a in compiled]
+        assert together == alone, now.isoformat()
+        assert len(shared.judged) == 4  # country, consent and the two windows
+    late = Asking(person, T0).at(to_micros(T0 + DAY + HOUR))
+    assert compiled[1].step(compiled[1].new_state(), (), late)[1] is False

@@ -644,9 +644,9 @@ Stamped: TypeAlias = tuple[int, MemoryEvent]
 
 
 class Arrivals:
-    """One profile's new events, each with its timestamp in microseconds, in the order given
-    (time order, as :meth:`StreamingAudience.step` wants them), grouped by name once for every
-    audience asked about the profile: each condition reads only the events it can take."""
+    """One profile's new events, each with its timestamp in microseconds, grouped by name once
+    for every audience asked about the profile: each condition reads only the events it can
+    take, in the order given (the order in which :meth:`StreamingAudience.step` folds them)."""
 
     __slots__ = ("_of_names", "events", "groups")
 
@@ -775,7 +775,6 @@ class _Profile(_Node):
     def __init__(self, node: Attr | Consent) -> None:
         self.run = compile_memory(node).run
         attr = node if isinstance(node, Attr) else None
-        #: the attribute test that time alone can turn (a window or an anniversary), if any
         #: when time alone turns the test (a window or an anniversary): its turns
         self.turns = (
             _turns(attr.test, attr.kind) if attr is not None and attr.kind is not None else None
@@ -878,7 +877,7 @@ class _CountNode(_EventNode):
         #: Only min(count, keep) matters for the comparison.
         self.keep = value if op in (CompareOp.GE, CompareOp.LT) else value + 1
         #: a sliding window whose kept events fit under the cap: its slots with nothing
-        #: pending or unknown take the fast paths of :meth:`add` and :meth:`judge`
+        #: pending or unknown take the fast paths of :meth:`add`, :meth:`add_all` and :meth:`judge`
         self.simple_kind = self.bounds.sliding and self.keep <= cap
 
     def new(self) -> dict[str, Any]:
@@ -1383,6 +1382,8 @@ class _SequenceNode(_EventNode):
             mask = item[2]
             if mask & 1:
                 x = item[0]
+                if following is not None and following[0] == x and following[1] == item[1]:
+                    return self._table_spans(kept)  # a B tied with its start is not after it
                 deadline = x + within
                 if following is None or following[0] > deadline:
                     entry = bounds.enter(x)
