@@ -42,7 +42,9 @@ def _cpu_seconds() -> float:
     return round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1)
 
 
-def _generate(out: str, profiles: int, fmt: str, seed: int, days: int) -> dict[str, Any]:
+def _generate(
+    out: str, profiles: int, fmt: str, seed: int, days: int, sessions: float
+) -> dict[str, Any]:
     from waymark.demo.generate import generate
 
     started = time.perf_counter()
@@ -51,6 +53,7 @@ def _generate(out: str, profiles: int, fmt: str, seed: int, days: int) -> dict[s
         profiles=profiles,
         seed=seed,
         days=days,
+        sessions=sessions,
         end=datetime.now(UTC),
         fmt=fmt,  # type: ignore[arg-type]
     )
@@ -181,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-rows", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--days", type=int, default=180)
+    parser.add_argument(
+        "--sessions",
+        type=float,
+        default=1.0,
+        help="scale of everyone's sessions (1.0: about 15 events per customer; 1.5 gives "
+        "about 20M events for 1M customers)",
+    )
     parser.add_argument("--workdir", help="where to put data (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files and data")
     parser.add_argument(
@@ -201,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
             generated = _count_source(source, args.format)
         else:
             generated = _in_child(
-                _generate, str(source), args.profiles, args.format, args.seed, args.days
+                _generate,
+                str(source),
+                args.profiles,
+                args.format,
+                args.seed,
+                args.days,
+                args.sessions,
             )
         print(
             f"generated {generated['profiles']:,} profiles and {generated['events']:,} events "

@@ -113,3 +113,17 @@ def test_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
         check=False,
     )
     assert r.returncode == 2 and "no workspace 'nope'" in r.stderr
+
+
+def test_demo_generate_scales_sessions_and_refuses_a_bad_scale(
+    waymark: Any, tmp_path: Path
+) -> None:
+    plain = as_json(waymark("demo", "generate", "--out", str(tmp_path / "a"), "--json"))
+    more = as_json(
+        waymark("demo", "generate", "--out", str(tmp_path / "b"), "--sessions", "1.5", "--json")
+    )
+    assert more["profiles"] == plain["profiles"] and more["events"] > plain["events"]
+    refused = waymark("demo", "generate", "--out", str(tmp_path / "c"), "--sessions", "0", ok=False)
+    assert refused.exit_code != 0
+    assert "--sessions: choose between 0.1 and 10" in str(refused.exception)
+    assert not (tmp_path / "c").exists()

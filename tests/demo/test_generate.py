@@ -348,6 +348,19 @@ def test_progress_is_reported_per_chunk(tmp_path: Path) -> None:
     assert seen == [(40, 40)]
 
 
+def test_more_sessions_give_more_events_for_the_same_people(tmp_path: Path) -> None:
+    """``sessions`` scales the events, not the people: the same profiles, more events, and the
+    default is the scale of 1.0."""
+    runs = {}
+    for scale in (1.0, 1.5):
+        folder = tmp_path / str(scale)
+        runs[scale] = generate(folder, profiles=2000, end=END, days=DAYS, sessions=scale)
+    default = generate(tmp_path / "default", profiles=2000, end=END, days=DAYS)
+    assert default.events == runs[1.0].events
+    assert runs[1.5].profiles == runs[1.0].profiles
+    assert 1.2 * runs[1.0].events < runs[1.5].events < 1.6 * runs[1.0].events
+
+
 def test_a_single_profile_works(tmp_path: Path) -> None:
     summary = generate(tmp_path, profiles=1, end=END, days=1, fmt="csv")
     assert summary.profiles == 1
@@ -363,6 +376,9 @@ def test_a_single_profile_works(tmp_path: Path) -> None:
         ({"days": 0}, "days"),
         ({"seed": -1}, "seed"),
         ({"fmt": "xml"}, "fmt"),
+        ({"sessions": 0.0}, "sessions"),
+        ({"sessions": 11.0}, "sessions"),
+        ({"sessions": float("nan")}, "sessions"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:

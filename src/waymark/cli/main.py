@@ -6,6 +6,7 @@ Global options choose the stores (``--data-dir``, ``--database-url``) and otherw
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -684,6 +685,10 @@ def demo_generate(
     seed: int = 7,
     days: int = 180,
     fmt: Annotated[str, typer.Option("--format", help="parquet, csv or jsonl.")] = "parquet",
+    sessions: Annotated[
+        float,
+        typer.Option(help="Scale of everyone's sessions: 1.0 makes about 15 events a customer."),
+    ] = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a seeded synthetic online-shop dataset (profiles, events, schema)."""
@@ -695,6 +700,8 @@ def demo_generate(
 
     if not 1000 <= profiles <= 1_000_000:
         raise InvalidInput([Issue("--profiles", "choose between 1,000 and 1,000,000")])
+    if not 0.1 <= sessions <= 10.0:
+        raise InvalidInput([Issue("--sessions", "choose between 0.1 and 10")])
     with Progress(console=err_console, disable=as_json) as bar:
         task = bar.add_task("generating", total=profiles)
         summary = generate(
@@ -705,9 +712,10 @@ def demo_generate(
             days=days,
             fmt=fmt,  # type: ignore[arg-type]
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            sessions=sessions,
         )
     emit(
-        jsonable(vars(summary)) if hasattr(summary, "__dict__") else str(summary),
+        jsonable(dataclasses.asdict(summary)),
         as_json,
         lambda: console.print(f"wrote {out}: {summary}"),
     )

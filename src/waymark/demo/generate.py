@@ -399,6 +399,7 @@ class _World:
     base_weekday: int
     offsets: I64  # (zone, day since base) -> UTC offset in ms
     catalog: _Catalog
+    sessions: float = 1.0  # scales every actor's number of sessions
 
 
 def _utc_offsets(zones: Sequence[str], base: datetime, n_days: int) -> I64:
@@ -668,7 +669,7 @@ def _make_chunk(
     propensity = rng.lognormal(0.0, 0.8, actors) / np.exp(0.32) * (0.7 + 0.3 * np.log1p(activity))
     p_cart = np.where(is_cust, np.clip(0.075 * propensity, 0.005, 0.6), 0.05)
     p_checkout = np.clip(0.4 * np.sqrt(propensity), 0.1, 0.85)
-    n_sess = np.floor(0.6 + 1.5 * activity * (hi - lo) / span).astype(np.int64)
+    n_sess = np.floor(0.6 + 1.5 * world.sessions * activity * (hi - lo) / span).astype(np.int64)
     n_sess = np.minimum(n_sess, 600)
     n_sess[is_cust & ~is_new & (rng.random(actors) < 0.12)] = 0  # lapsed customers
     n_sess[is_new] = np.maximum(n_sess[is_new], 1)
@@ -1005,13 +1006,16 @@ def generate(
     days: int = 180,
     fmt: Format = "parquet",
     progress: Callable[[int, int], None] | None = None,
+    sessions: float = 1.0,
 ) -> GenerateSummary:
     """Write the demo shop's ``profiles``, ``events`` and ``schema.json`` into ``out_dir``.
 
     ``end`` (timezone-aware) closes the window of ``days`` days that all event timestamps fall
     in. Files are replaced atomically when complete; a failure leaves no partial file behind.
-    ``progress(done, total)`` is called after each chunk of customers. The same arguments always
-    produce byte-identical files. Raises ``ValueError`` on an invalid argument.
+    ``progress(done, total)`` is called after each chunk of customers. ``sessions`` scales
+    everyone's number of sessions (and so the events: about 15 per customer at 1.0, the
+    default). The same arguments always produce byte-identical files. Raises ``ValueError`` on
+    an invalid argument.
     """
     if fmt not in _EXTENSIONS:
         raise ValueError(f"fmt must be one of {sorted(_EXTENSIONS)}, got {fmt!r}")
@@ -1021,6 +1025,8 @@ def generate(
         raise ValueError(f"days must be at least 1, got {days}")
     if seed < 0:
         raise ValueError(f"seed must not be negative, got {seed}")
+    if not 0.1 <= sessions <= 10.0:  # NaN fails too
+        raise ValueError(f"sessions must be between 0.1 and 10, got {sessions}")
     if end.tzinfo is None or end.utcoffset() is None:
         raise ValueError("end must be timezone-aware")
 
@@ -1038,6 +1044,7 @@ def generate(
         base_weekday=base.weekday(),
         offsets=_utc_offsets(_geo().zones, base, n_days),
         catalog=_catalog(np.random.default_rng(np.random.SeedSequence([seed, 0]))),
+        sessions=sessions,
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
