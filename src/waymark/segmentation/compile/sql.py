@@ -225,6 +225,21 @@ class _PgJson(_Json):
         return exp.NEQ(this=kind, expression=exp.Literal.string("null"))
 
 
+def _tried_moment(value: exp.Expr) -> tuple[exp.Expr, exp.Expr] | None:
+    """(pattern check, try-cast) of a :func:`_stored_moment` read by a try-cast, else None.
+    A test that is false for NULL is the same on the read as on the try-cast where the check
+    holds, so the two may be tested in either order."""
+    if not isinstance(value, exp.Case) or value.args.get("default") is not None:
+        return None
+    ifs = value.args.get("ifs") or []
+    if len(ifs) != 1:
+        return None
+    form, read = ifs[0].this, ifs[0].args.get("true")
+    if isinstance(form, exp.RegexpLike) and isinstance(read, exp.TryCast):
+        return form, read
+    return None
+
+
 def _stored_moment(text: exp.Expr, cast: type[exp.Cast]) -> exp.Expr:
     """``text`` as a timestamp when it has the stored form (:data:`ast.STORED_MOMENT`) and
     names a real day, else NULL. PostgreSQL cannot try a cast, so both are checked first (the
@@ -519,6 +534,13 @@ class _Compiler:
                 )
             return _two_valued(cond)
         if isinstance(test, Within):
+            guarded = _tried_moment(value)
+            if guarded is not None:
+                # the window on the try-cast first; the stored form's pattern, the costly part,
+                # only for the values inside it (a CASE evaluates its THEN for those rows only)
+                form, read = guarded
+                chosen = exp.If(this=self._span(read, test.window), true=form)
+                return _two_valued(exp.Case(ifs=[chosen], default=_FALSE.copy()))
             return _two_valued(self._span(value, test.window))
         if isinstance(test, Anniversary):
             return _two_valued(
