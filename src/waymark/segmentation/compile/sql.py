@@ -539,7 +539,7 @@ class _Compiler:
                 # the window on the try-cast first; the stored form's pattern, the costly part,
                 # only for the values inside it (a CASE evaluates its THEN for those rows only)
                 form, read = guarded
-                chosen = exp.If(this=self._span(read, test.window), true=form)
+                chosen = exp.If(this=self._span(read, test.window), true=form.copy())
                 return _two_valued(exp.Case(ifs=[chosen], default=_FALSE.copy()))
             return _two_valued(self._span(value, test.window))
         if isinstance(test, Anniversary):
