@@ -62,6 +62,8 @@ from waymark.segmentation.lang.ast import (
     Which,
     Window,
     Within,
+    read_value,
+    reader,
     resolve,
 )
 
@@ -1024,3 +1026,10 @@ def test_results_do_not_depend_on_the_order_of_the_events(
         assert evaluate(expr, profile(events=history), now) is evaluate(
             expr, profile(events=shuffled), now
         )
+
+
+def test_every_kinds_reader_reads_none_as_none() -> None:
+    """The evaluators bind ``reader(kind)`` and call it on absent values as they are."""
+    for kind in FieldType:
+        assert reader(kind)(None) is None
+        assert read_value(None, kind) is None

@@ -351,10 +351,10 @@ def _literal(value: Scalar, kind: FieldType) -> Any:
 
 def _test(test: Test, kind: FieldType) -> _ValueTest:
     """A value test of a raw (stored, JSON) value read as ``kind``."""
-    read = reader(kind)  # read_value for this kind
+    read = reader(kind)  # read_value for this kind (None gives None)
     if isinstance(test, Exists):
         present = test.present
-        return lambda raw, _p: ((None if raw is None else read(raw)) is not None) is present
+        return lambda raw, _p: (read(raw) is not None) is present
     if kind not in _SCALAR:
         raise ValueError(f"a {kind} field can only be tested with exists / is missing")
     if isinstance(test, CompareTest):
@@ -364,7 +364,7 @@ def _test(test: Test, kind: FieldType) -> _ValueTest:
         op = _OPS[test.op]
 
         def compare(raw: Any, _p: PreparedProfile) -> bool:
-            value = None if raw is None else read(raw)
+            value = read(raw)
             return value is not None and op(value, literal)
 
         return compare
@@ -373,13 +373,13 @@ def _test(test: Test, kind: FieldType) -> _ValueTest:
         if test.negated:
 
             def not_in(raw: Any, _p: PreparedProfile) -> bool:
-                value = None if raw is None else read(raw)
+                value = read(raw)
                 return value is not None and value not in values
 
             return not_in
 
         def is_in(raw: Any, _p: PreparedProfile) -> bool:
-            value = None if raw is None else read(raw)
+            value = read(raw)
             return value is not None and value in values
 
         return is_in
@@ -394,7 +394,7 @@ def _test(test: Test, kind: FieldType) -> _ValueTest:
         }[test.op]
 
         def text(raw: Any, _p: PreparedProfile) -> bool:
-            value = None if raw is None else read(raw)
+            value = read(raw)
             return value is not None and method(fold(value), needle)
 
         return text
@@ -407,7 +407,7 @@ def _test(test: Test, kind: FieldType) -> _ValueTest:
         resolved: list[tuple[datetime | None, Any]] = [(None, None)]
 
         def within(raw: Any, p: PreparedProfile) -> bool:
-            value = None if raw is None else read(raw)
+            value = read(raw)
             if value is None:
                 return False
             known = resolved[0]

@@ -542,7 +542,7 @@ def _turns(test: Test, kind: FieldType) -> Callable[[Any, str | None, int], int 
         read = reader(kind)
 
         def within(raw: Any, _zone: str | None, t: int) -> int | None:
-            moment = None if raw is None else read(raw)
+            moment = read(raw)
             if not isinstance(moment, datetime):
                 return None
             x = _micros(moment)

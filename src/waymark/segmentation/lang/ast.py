@@ -530,7 +530,8 @@ _READERS: Final[dict[FieldType, Any]] = {
 
 
 def reader(kind: FieldType) -> Any:
-    """The function :func:`read_value` applies for ``kind`` (for evaluators that bind it once)."""
+    """The function :func:`read_value` applies for ``kind`` (for evaluators that bind it once);
+    like :func:`read_value`, it reads None as None."""
     return _READERS[kind]
 
 
